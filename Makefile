@@ -1,0 +1,41 @@
+# Tessera: `make test` and `make demo` set everything up on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU torch first (from the local wheel or the CPU index), then everything else pinned to it,
+# so no second torch with several GB of CUDA packages is ever pulled.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test lint demo demo-text bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt --no-build-isolation "deepspeed>=0.14"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest tests -x --durations=15
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+demo: setup
+	$(BIN)/python scripts/demo.py --config configs/demo/digits.yaml --output-dir outputs/demo
+
+demo-text: setup
+	$(BIN)/python scripts/demo.py --config configs/demo/shapes.yaml --output-dir outputs/demo-text
+
+bench: setup
+	$(BIN)/python bench/quantizers.py
+	$(BIN)/python bench/train_prior.py
+	$(BIN)/python bench/sampling.py
+
+clean:
+	rm -rf outputs

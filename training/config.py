@@ -1,0 +1,102 @@
+"""Strict YAML <-> dataclass configs through OmegaConf structured configs.
+
+Every config file maps 1:1 onto a dataclass: an unknown key or a value of the wrong type is an
+error that names the key and the file, so a typo never trains the wrong model silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override does not fit its schema."""
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = str(err).splitlines()[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from err
+
+
+def load_config(
+    schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> T:
+    """Build a `schema` instance from defaults, then the YAML `path`, then `key.sub=value` overrides."""
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    try:
+        return OmegaConf.to_object(cfg)  # runs each dataclass' __post_init__ validation
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path or schema.__name__}: {_describe(err)}") from err
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (JSON/YAML friendly)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(schema: type[T], data: dict[str, Any], source: str = "dict") -> T:
+    """Strictly rebuild a config dataclass from a dict (e.g. read from config.json)."""
+    cfg = _merge(OmegaConf.structured(schema), OmegaConf.create(data), source)
+    return OmegaConf.to_object(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write a config dataclass as YAML (loadable again with `load_config`)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+@dataclass
+class CliArgs:
+    """The arguments every training script shares."""
+
+    config: Path | None
+    output_dir: Path
+    resume: str | None
+    overrides: list[str]
+
+
+def parse_cli(
+    schema: type[T], argv: Sequence[str] | None = None, description: str = ""
+) -> tuple[T, CliArgs]:
+    """`--config FILE --output-dir DIR [--resume latest|DIR] [key.sub=value ...]`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, default=None, help="YAML config file")
+    parser.add_argument("--output-dir", type=Path, required=True, help="run directory")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    ns = parser.parse_args(argv)
+    cfg = load_config(schema, ns.config, ns.overrides)
+    return cfg, CliArgs(ns.config, ns.output_dir, ns.resume, list(ns.overrides))
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """`dataclasses.replace` re-exported for configs (runs validation again)."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,170 @@
+"""The training loop both stages share: data order, resume, NaN guard, logging, checkpoints.
+
+Each trainer supplies `train_step(batch) -> StepOutput` (forward, backward and optimizer steps
+under `accelerator.accumulate`) and optional periodic hooks (eval, samples). The loop owns the
+bookkeeping that must be right for a resumed run to equal an uninterrupted one: the epoch's
+seeded shuffle, `skip_first_batches` for the position inside an epoch, RNG states (restored by
+`load_state`), the LR schedule and the step counter.
+
+Build DataLoaders with their own `torch.Generator` (`runtime.loader_generator`): a loader without
+one draws its worker seed from the global RNG each time an iterator starts, which shifts every
+later dropout mask after a resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from training.checkpoint import CheckpointManager, TrainState
+from training.runtime import MetricsLog, RuntimeConfig, finite_everywhere
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss."""
+
+
+@dataclass
+class StepOutput:
+    """What one micro-batch step reports; `skipped` when its loss was not finite."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+
+
+Hook = Callable[[int], None]
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss: torch.Tensor,
+    grad_clip: float,
+) -> StepOutput:
+    """Backward + clip + step for one optimizer, skipping the update when the loss is not finite.
+
+    Call inside `accelerator.accumulate(model)`. The finiteness check is agreed across ranks so
+    every process skips together (otherwise collectives would hang).
+    """
+    if not finite_everywhere(accelerator, loss):
+        optimizer.zero_grad(set_to_none=True)
+        return StepOutput({"loss": float("nan")}, skipped=True)
+    accelerator.backward(loss)
+    metrics = {"loss": loss.detach().float().item()}
+    if accelerator.sync_gradients:
+        if grad_clip > 0:
+            norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            if norm is not None:
+                metrics["grad_norm"] = float(norm)
+        metrics["lr"] = scheduler.get_last_lr()[0]
+    optimizer.step()
+    if accelerator.sync_gradients:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutput(metrics)
+
+
+class TrainLoop:
+    """Runs `train_step` over epochs of `loader` until `cfg.max_steps` optimizer steps."""
+
+    def __init__(
+        self, accelerator: Accelerator, cfg: RuntimeConfig, output_dir: str | Path
+    ) -> None:
+        self.accelerator = accelerator
+        self.cfg = cfg
+        self.output_dir = Path(output_dir)
+        self.checkpoints = CheckpointManager(accelerator, output_dir, cfg.keep_last)
+        self.log = MetricsLog(accelerator, output_dir)
+        self.state = TrainState()
+
+    def resume(self, spec: str | None) -> TrainState:
+        """Load `latest` or a given checkpoint (after `accelerator.prepare`)."""
+        path = self.checkpoints.resolve(spec)
+        if path is not None:
+            self.state = self.checkpoints.load(path)
+            self.accelerator.print(f"resumed from {path} at step {self.state.step}")
+        elif spec is not None:
+            self.accelerator.print("no complete checkpoint found; starting fresh")
+        return self.state
+
+    def _batches(self, loader):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.state.epoch)
+        if self.state.batches_in_epoch:
+            return self.accelerator.skip_first_batches(loader, self.state.batches_in_epoch)
+        return loader
+
+    def run(
+        self, loader, train_step: Callable[[dict], StepOutput], hooks: dict[str, Hook] | None = None
+    ) -> TrainState:
+        """Train; `hooks` maps 'eval' / 'sample' to callables run every `eval_every` / `sample_every`."""
+        hooks = hooks or {}
+        cfg, state = self.cfg, self.state
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=state.step,
+            disable=not (cfg.progress and self.accelerator.is_main_process),
+            desc="train",
+        )
+        running: dict[str, list[float]] = {}
+        while state.step < cfg.max_steps:
+            for batch in self._batches(loader):
+                out = train_step(batch)
+                state.batches_in_epoch += 1
+                if not self.accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                bar.update(1)
+                self._guard(out)
+                for key, value in out.metrics.items():
+                    running.setdefault(key, []).append(value)
+                self._periodic(running, hooks, bar)
+                if state.step >= cfg.max_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+        bar.close()
+        if state.step % cfg.save_every:
+            self.checkpoints.save(state)
+        return state
+
+    def _guard(self, out: StepOutput) -> None:
+        state = self.state
+        if not out.skipped:
+            state.bad_in_row = 0
+            return
+        state.skipped_steps += 1
+        state.bad_in_row += 1
+        self.accelerator.print(
+            f"step {state.step}: non-finite loss, update skipped ({state.bad_in_row} in a row)"
+        )
+        if state.bad_in_row >= self.cfg.max_bad_steps:
+            last = self.checkpoints.latest()
+            raise NonFiniteLossError(
+                f"{state.bad_in_row} consecutive non-finite losses ending at step {state.step}; "
+                f"last good checkpoint: {last if last else 'none'}"
+            )
+
+    def _periodic(self, running: dict[str, list[float]], hooks: dict[str, Hook], bar) -> None:
+        step = self.state.step
+        if step % self.cfg.log_every == 0 and running:
+            means = {k: sum(v) / len(v) for k, v in running.items() if v and all(x == x for x in v)}
+            means["skipped_steps"] = self.state.skipped_steps
+            self.log.log(step, means)
+            bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
+            running.clear()
+        if "eval" in hooks and step % self.cfg.eval_every == 0:
+            hooks["eval"](step)
+        if "sample" in hooks and step % self.cfg.sample_every == 0:
+            hooks["sample"](step)
+        if step % self.cfg.save_every == 0 and self.state.bad_in_row == 0:
+            self.checkpoints.save(self.state)

@@ -1,0 +1,146 @@
+"""Accelerate set-up, optimizer and the run-level knobs both trainers share."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
+from torch import nn
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class RuntimeConfig:
+    """How a run executes: steps, batch, precision, logging and checkpoint cadence."""
+
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 32  # per process, per micro-batch
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    log_every: int = 10
+    eval_every: int = 200
+    sample_every: int = 200
+    save_every: int = 500
+    keep_last: int = 2
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    tracker: str = "tensorboard"  # tensorboard | none
+    progress: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"runtime.mixed_precision must be one of {MIXED_PRECISION}, got '{self.mixed_precision}'"
+            )
+        if self.tracker not in ("tensorboard", "none"):
+            raise ValueError(
+                f"runtime.tracker must be 'tensorboard' or 'none', got '{self.tracker}'"
+            )
+        for name in (
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "save_every",
+            "max_bad_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"runtime.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup + cosine, clipping and an EMA of the weights (LlamaGen defaults)."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 disables
+    ema_decay: float = 0.0  # 0 disables the EMA
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must have 2 values, got {self.betas}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def build_accelerator(cfg: RuntimeConfig, output_dir: str | Path) -> Accelerator:
+    """Accelerator for DDP / FSDP / DeepSpeed as chosen by `accelerate launch`; gloo on CPU."""
+    output_dir = Path(output_dir)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = (
+        [InitProcessGroupKwargs(backend="gloo")]
+        if distributed and not torch.cuda.is_available()
+        else []
+    )
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.tracker == "none" else cfg.tracker,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator, so starting an iterator never consumes the global RNG."""
+    return torch.Generator().manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or embeddings' gains)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def finite_everywhere(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every process (all ranks must skip a step together)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    return bool(accelerator.reduce(bad, reduction="sum").item() == 0)
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step to `output_dir/metrics.jsonl` (main process only)."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path) -> None:
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        values = {k: float(v) for k, v in values.items()}
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")

@@ -1,0 +1,303 @@
+"""Llama-style transformer trunk shared by every prior: RMSNorm, SwiGLU, RoPE, no biases.
+
+`Transformer` works on slot-indexed sequences: slot s of a sequence gets row s of its rope table,
+so a cached decode step only has to say at which slots its tokens sit.
+"""
+
+import math
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from prior.attention import attention
+from prior.conditioning import Condition
+from prior.kv_cache import KVCache, prefix_key_mask
+from prior.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm (same arithmetic as HF `LlamaRMSNorm`: normalise in fp32, scale in input dtype)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x); names follow Llama (w1 = gate, w3 = up, w2 = down)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with RoPE and an optional static KV cache."""
+
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        causal: bool,
+        mask: Tensor | None,
+        cache_seqlens: Tensor | None,
+    ) -> Tensor:
+        q, k, v = (
+            rearrange(w(x), "b l (h d) -> b l h d", h=self.n_heads)
+            for w in (self.wq, self.wk, self.wv)
+        )
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_seqlens is None:
+            out = attention(q, k, v, causal=causal, mask=mask)
+        else:
+            if self.kv_cache is None:
+                raise ValueError("cached call before setup_caches()")
+            out = attention(
+                q,
+                k,
+                v,
+                causal=causal,
+                mask=mask,
+                k_cache=self.kv_cache.k,
+                v_cache=self.kv_cache.v,
+                cache_seqlens=cache_seqlens,
+            )
+        return self.wo(rearrange(out, "b l h d -> b l (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm Llama block: x + attn(norm(x)), then + ffn(norm(.))."""
+
+    def __init__(
+        self, dim: int, n_heads: int, ffn_dim: int, norm_eps: float, dropout: float
+    ) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(dim, norm_eps)
+        self.attention = SelfAttention(dim, n_heads)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+        self.feed_forward = SwiGLU(dim, ffn_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        causal: bool,
+        mask: Tensor | None,
+        cache_seqlens: Tensor | None,
+    ) -> Tensor:
+        x = x + self.dropout(
+            self.attention(self.attention_norm(x), cos, sin, causal, mask, cache_seqlens)
+        )
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Transformer(nn.Module):
+    """Blocks + final norm over slot-indexed sequences; owns the rope table and the KV caches."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_layers: int,
+        n_heads: int,
+        ffn_dim: int,
+        norm_eps: float,
+        dropout: float,
+        rope_cos: Tensor,
+        rope_sin: Tensor,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            Block(dim, n_heads, ffn_dim, norm_eps, dropout) for _ in range(n_layers)
+        )
+        self.norm = RMSNorm(dim, norm_eps)
+        self.gradient_checkpointing = gradient_checkpointing
+        self.register_buffer("rope_cos", rope_cos, persistent=False)  # [slots, hd]
+        self.register_buffer("rope_sin", rope_sin, persistent=False)
+        self.register_buffer("cache_key_valid", None, persistent=False)  # [B, P] set by prefill
+        self.cache_slots = 0
+
+    @property
+    def max_slots(self) -> int:
+        return self.rope_cos.shape[0]
+
+    def forward(self, x: Tensor, *, causal: bool, mask: Tensor | None = None) -> Tensor:
+        """x [B, L, dim] at slots 0..L-1 -> [B, L, dim]; mask [B, 1, L, L] (True = attend)."""
+        length = x.shape[1]
+        if length > self.max_slots:
+            raise ValueError(
+                f"sequence of {length} slots exceeds the rope table ({self.max_slots})"
+            )
+        cos, sin = self.rope_cos[:length], self.rope_sin[:length]
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if ckpt:
+                x = checkpoint(layer, x, cos, sin, causal, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, causal, mask, None)
+        return self.norm(x)
+
+    def setup_caches(
+        self, batch_size: int, max_slots: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """(Re)allocate one KVCache per layer for `max_slots` slots."""
+        if max_slots > self.max_slots:
+            raise ValueError(f"max_slots {max_slots} exceeds the rope table ({self.max_slots})")
+        for layer in self.layers:
+            attn = layer.attention
+            attn.kv_cache = KVCache(
+                batch_size, max_slots, attn.n_heads, attn.head_dim, dtype, device
+            )
+        self.cache_slots = max_slots
+        self.cache_key_valid = None
+
+    def prefill(self, x: Tensor, key_valid: Tensor | None) -> Tensor:
+        """Write the prefix x [B, P, dim] at slots 0..P-1 (causal) -> [B, P, dim].
+
+        key_valid Bool [B, P]: padded prefix keys to hide from every later query (None = all real).
+        """
+        if self.cache_slots == 0:
+            raise ValueError("call setup_caches() before prefill()")
+        b, p = x.shape[:2]
+        if b != self.layers[0].attention.kv_cache.batch_size:
+            raise ValueError(
+                f"batch {b} != cache batch {self.layers[0].attention.kv_cache.batch_size}"
+            )
+        self.cache_key_valid = key_valid
+        mask = None
+        if key_valid is not None:
+            mask = prefix_key_mask(key_valid, torch.arange(p, device=x.device), self.cache_slots)
+        start = torch.zeros(b, dtype=torch.long, device=x.device)
+        return self.forward_cached(x, start, mask=mask)
+
+    def decode(self, x: Tensor, start: Tensor) -> Tensor:
+        """x [B, T, dim] at slots start[b] .. start[b] + T - 1 after a prefill -> [B, T, dim]."""
+        if self.cache_slots == 0:
+            raise ValueError("call setup_caches() and prefill() before decode()")
+        mask = None
+        if self.cache_key_valid is not None:
+            slots = start[:, None] + torch.arange(x.shape[1], device=x.device)  # [B, T]
+            mask = prefix_key_mask(self.cache_key_valid, slots, self.cache_slots)
+        return self.forward_cached(x, start, mask=mask)
+
+    def forward_cached(self, x: Tensor, start: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """x [B, T, dim] for slots start[b] .. start[b] + T - 1 (causal) -> [B, T, dim].
+
+        Writes the new keys/values into the caches; mask [B, 1, T, S] over cache slots.
+        """
+        slots = start[:, None] + torch.arange(x.shape[1], device=x.device)  # [B, T]
+        cos, sin = self.rope_cos[slots], self.rope_sin[slots]  # [B, T, hd]
+        for layer in self.layers:
+            x = layer(x, cos, sin, True, mask, start)
+        return self.norm(x)
+
+
+def init_linear_and_embedding(module: nn.Module, std: float, n_layers: int) -> None:
+    """N(0, std) weights; residual output projections (wo, w2) scaled by 1/sqrt(2 n_layers)."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            scale = 1.0 / math.sqrt(2 * n_layers) if name.endswith(("wo", "w2")) else 1.0
+            nn.init.normal_(sub.weight, mean=0.0, std=std * scale)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
+
+
+def num_params(
+    module: nn.Module, exclude_embeddings: bool = False, trainable_only: bool = False
+) -> int:
+    """Number of distinct parameters (tied weights once), optionally without embedding tables."""
+    params = {id(p): p for p in module.parameters() if p.requires_grad or not trainable_only}
+    if exclude_embeddings:
+        for sub in module.modules():
+            if isinstance(sub, nn.Embedding):
+                params.pop(id(sub.weight), None)
+    return sum(p.numel() for p in params.values())
+
+
+def trunk_matmul_params(dim: int, n_layers: int, ffn_dim: int) -> int:
+    """Weights used as matmuls per token in a trunk: 4 dim^2 attention + 3 dim ffn per layer."""
+    return n_layers * (4 * dim * dim + 3 * dim * ffn_dim)
+
+
+def transformer_flops(
+    matmul_params: int, n_layers: int, dim: int, context: int, training: bool
+) -> float:
+    """FLOPs per token: 2N forward (6N with backward) + attention 4 L d ctx (12 L d ctx), PaLM style."""
+    mult = 3 if training else 1
+    return float(mult * (2 * matmul_params + 4 * n_layers * dim * context))
+
+
+class PriorMixin:
+    """What every prior shares: conditioning entry points, parameter counts, checkpointing switch.
+
+    Expects `self.config` (a PriorConfig), `self.conditioner` (a Conditioner) and trunks that are
+    `Transformer` modules.
+    """
+
+    def condition(
+        self,
+        class_ids: Tensor | None = None,
+        texts: list[str] | None = None,
+        batch_size: int | None = None,
+        drop: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Condition:
+        """Build the prefix for class ids ("class"), texts ("text") or batch_size ("none").
+
+        drop=True applies training-time condition dropout (rows -> null with p = cond_dropout).
+        """
+        return self.conditioner(
+            class_ids=class_ids, texts=texts, batch_size=batch_size, drop=drop, generator=generator
+        )
+
+    def null_condition(self, batch_size: int) -> Condition:
+        """Null class / learned null text / start token for `batch_size` rows (CFG's uncond half)."""
+        return self.conditioner.null(batch_size)
+
+    def num_params(self, exclude_embeddings: bool = False, trainable_only: bool = False) -> int:
+        return num_params(
+            self, exclude_embeddings=exclude_embeddings, trainable_only=trainable_only
+        )
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute block activations in backward (saves memory, costs one extra forward)."""
+        self.config.gradient_checkpointing = enabled
+        for module in self.modules():
+            if isinstance(module, Transformer):
+                module.gradient_checkpointing = enabled
+
+    def _check_condition(self, cond: Condition, batch_size: int) -> None:
+        if cond.batch_size != batch_size:
+            raise ValueError(f"condition batch {cond.batch_size} != codes batch {batch_size}")
+        if cond.length != self.config.prefix_len:
+            raise ValueError(
+                f"condition length {cond.length} != prefix_len {self.config.prefix_len}"
+            )

@@ -1,0 +1,254 @@
+"""Dataclass configs of the stage-2 priors, their named size presets and the tokenizer identity.
+
+Every config is OmegaConf-structured compatible (plain scalars, lists, nested dataclasses) and is
+also what `save_pretrained` writes to config.json, so `load_prior` can rebuild any prior strictly.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="PriorConfig")
+
+# name -> (dim, n_layers, n_heads, multiple_of); B/L/XL are LlamaGen's GPT-B/L/XL.
+ARCH_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (32, 2, 2, 16),
+    "B": (768, 12, 12, 256),
+    "L": (1024, 24, 16, 256),
+    "XL": (1280, 36, 20, 256),
+}
+
+SPECIAL_WORDS: list[str] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+
+
+@dataclass
+class TokenizerInfo:
+    """Identity of the stage-1 tokenizer a prior was trained on (copied from the token manifest).
+
+    `codebook_size == 0` means "not recorded" (e.g. a prior built by hand in a test).
+    """
+
+    hash: str = ""
+    codebook_size: int = 0
+    grid: list[int] = field(default_factory=list)
+    depth: int = 1
+    class_names: list[str] = field(default_factory=list)
+
+
+def check_tokenizer(info: TokenizerInfo, tokenizer_identity: dict[str, Any]) -> None:
+    """Raise ValueError naming every field where a prior's tokenizer and `tokenizer_identity` differ.
+
+    Only the five identity fields are compared (extra manifest keys are ignored); the hash is
+    compared only when both sides recorded one.
+    """
+    diffs = []
+    for name in ("hash", "codebook_size", "grid", "depth", "class_names"):
+        if name not in tokenizer_identity:
+            continue
+        ours, theirs = getattr(info, name), tokenizer_identity[name]
+        if name == "hash" and (not ours or not theirs):
+            continue
+        if name in ("grid", "class_names"):
+            ours, theirs = list(ours), list(theirs)
+        if ours != theirs:
+            diffs.append(f"{name}: prior has {ours!r}, tokens/tokenizer have {theirs!r}")
+    if diffs:
+        raise ValueError("tokenizer mismatch: " + "; ".join(diffs))
+
+
+@dataclass
+class TextEncoderConfig:
+    """Text conditioning: a pretrained `transformers` encoder or a small one built from this config.
+
+    name_or_path: local folder or cached Hub name (loaded with local_files_only); "" builds `arch`
+    from the sizes below with a word-level tokenizer over `vocab` (stored here so it reloads offline).
+    A frozen from-scratch encoder is a fixed random feature extractor: set freeze=False for those.
+    """
+
+    name_or_path: str = ""
+    arch: str = "bert"  # "bert" | "t5" (from-scratch encoder only)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 128
+    vocab: list[str] = field(default_factory=list)
+    max_text_len: int = 16  # prefix length P: encoder tokens beyond this are truncated
+    freeze: bool = True
+    lowercase: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("bert", "t5"):
+            raise ValueError(f"text.arch must be 'bert' or 't5', got {self.arch!r}")
+        if self.max_text_len < 2:
+            raise ValueError(f"text.max_text_len must be >= 2, got {self.max_text_len}")
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"text.hidden_size {self.hidden_size} not divisible by text.num_heads {self.num_heads}"
+            )
+        if self.vocab and self.vocab[: len(SPECIAL_WORDS)] != SPECIAL_WORDS:
+            raise ValueError(f"text.vocab must start with the special words {SPECIAL_WORDS}")
+
+
+@dataclass
+class PriorConfig:
+    """Fields every prior shares: vocabulary, grid, conditioning and the Llama-style trunk."""
+
+    model_type: str = ""
+    vocab_size: int = 16  # codebook size (image tokens); MaskGIT adds its mask token on top
+    grid: list[int] = field(default_factory=lambda: [4, 4])  # [h, w]
+    cond: str = "class"  # "class" | "text" | "none"
+    num_classes: int = 10  # class id num_classes is the null class
+    cond_dropout: float = 0.1  # training-time probability of replacing a condition by null
+    dim: int = 32
+    n_layers: int = 2
+    n_heads: int = 2
+    mlp_ratio: float = 4.0  # SwiGLU hidden = round_up(2/3 * mlp_ratio * dim, multiple_of)
+    multiple_of: int = 16
+    norm_eps: float = 1e-5
+    dropout: float = 0.0  # on embeddings and residual branches
+    rope: str = "2d"  # "1d" (sequence position) | "2d" (row/column halves)
+    rope_base: float = 10000.0
+    tie_embeddings: bool = False
+    gradient_checkpointing: bool = False
+    init_std: float = 0.02
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    tokenizer: TokenizerInfo = field(default_factory=TokenizerInfo)
+
+    # subclasses set this to their model_type
+    _expected_type = ""
+
+    def __post_init__(self) -> None:
+        # PyTorchModelHubMixin / json hand nested configs over as dicts
+        if isinstance(self.text, dict):
+            self.text = TextEncoderConfig(**self.text)
+        if isinstance(self.tokenizer, dict):
+            self.tokenizer = TokenizerInfo(**self.tokenizer)
+        self.grid = list(self.grid)
+        if self.model_type != self._expected_type:
+            raise ValueError(
+                f"model_type must be {self._expected_type!r} for {type(self).__name__}, "
+                f"got {self.model_type!r}"
+            )
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
+        if len(self.grid) != 2 or min(self.grid) < 1:
+            raise ValueError(f"grid must be [h, w] with positive sides, got {self.grid}")
+        if self.cond not in ("class", "text", "none"):
+            raise ValueError(f"cond must be 'class', 'text' or 'none', got {self.cond!r}")
+        if self.cond == "class" and self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 for cond='class', got {self.num_classes}")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.rope not in ("1d", "2d"):
+            raise ValueError(f"rope must be '1d' or '2d', got {self.rope!r}")
+        quantum = 4 if self.rope == "2d" else 2
+        if self.head_dim % quantum != 0:
+            raise ValueError(
+                f"head_dim {self.head_dim} must be divisible by {quantum} for rope={self.rope!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_tokenizer_fields()
+
+    def _check_tokenizer_fields(self) -> None:
+        tok = self.tokenizer
+        if tok.codebook_size == 0:
+            return
+        if tok.codebook_size != self.vocab_size:
+            raise ValueError(
+                f"vocab_size {self.vocab_size} != tokenizer.codebook_size {tok.codebook_size}"
+            )
+        if tok.grid and list(tok.grid) != self.grid:
+            raise ValueError(f"grid {self.grid} != tokenizer.grid {list(tok.grid)}")
+        if tok.depth != self.code_depth:
+            raise ValueError(
+                f"tokenizer.depth {tok.depth} != code depth {self.code_depth} of this prior"
+            )
+
+    @property
+    def code_depth(self) -> int:
+        return 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        hidden = int(2 * self.mlp_ratio * self.dim / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @property
+    def seq_len(self) -> int:
+        """Image tokens per sample, N = h * w."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def prefix_len(self) -> int:
+        """Condition tokens P before the image tokens."""
+        return self.text.max_text_len if self.cond == "text" else 1
+
+    @classmethod
+    def from_preset(cls: type[T], name: str) -> T:
+        """A config with a named trunk size; change the rest with `dataclasses.replace`."""
+        if name not in ARCH_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(ARCH_PRESETS)}")
+        dim, n_layers, n_heads, multiple_of = ARCH_PRESETS[name]
+        return cls(dim=dim, n_layers=n_layers, n_heads=n_heads, multiple_of=multiple_of)
+
+
+@dataclass
+class GPTConfig(PriorConfig):
+    """LlamaGen-style autoregressive prior over raster-order codes [B, N]."""
+
+    model_type: str = "gpt"
+    _expected_type = "gpt"
+
+
+@dataclass
+class MaskGITConfig(PriorConfig):
+    """Bidirectional masked-token prior; token id `vocab_size` is [MASK]."""
+
+    model_type: str = "maskgit"
+    label_smoothing: float = 0.1
+    _expected_type = "maskgit"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class RQTransformerConfig(PriorConfig):
+    """Spatial transformer over positions + depth transformer over the D codes of a position."""
+
+    model_type: str = "rq_transformer"
+    depth: int = 4
+    depth_layers: int = 2
+    _expected_type = "rq_transformer"
+
+    def __post_init__(self) -> None:
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if self.depth_layers < 1:
+            raise ValueError(f"depth_layers must be >= 1, got {self.depth_layers}")
+        super().__post_init__()
+
+    @property
+    def code_depth(self) -> int:
+        return self.depth
+
+
+CONFIG_CLASSES: dict[str, type[PriorConfig]] = {
+    "gpt": GPTConfig,
+    "maskgit": MaskGITConfig,
+    "rq_transformer": RQTransformerConfig,
+}
+
+
+def config_to_dict(cfg: PriorConfig) -> dict[str, Any]:
+    """Plain dict of a prior config (what config.json holds)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,254 @@
+"""Prompt -> image: `Pipeline.from_pretrained(tokenizer_dir, prior_dir, draft_dir)` then `pipe(prompts)`.
+
+The call shape follows diffusers: prompts in, an output dataclass with images (PIL, numpy or raw
+codes) and the decoding statistics out; bad argument combinations raise ValueError up front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch import Tensor
+
+from prior import MaskGIT, RQTransformer, check_tokenizer, load_prior
+from prior.conditioning import Condition
+from sampling.autoregressive import generate_ar, generate_rq
+from sampling.guidance import GuidanceSchedule
+from sampling.jacobi import generate_jacobi
+from sampling.logits import SamplingConfig
+from sampling.maskgit import generate_maskgit
+from sampling.relaxed import RelaxedAcceptance
+from sampling.speculative import generate_speculative
+from sampling.stats import SpeculativeStats
+from tokenizer import Tokenizer
+
+METHODS = ("ar", "speculative", "relaxed", "jacobi", "maskgit")
+OUTPUT_TYPES = ("pil", "np", "codes")
+Prompt = str | int
+
+
+@dataclass
+class PipelineOutput:
+    """images: list of PIL images, a uint8 array [B, H, W, 3], or codes; codes always kept."""
+
+    images: list[Image.Image] | np.ndarray | Tensor
+    codes: Tensor
+    prompts: list[Prompt] = field(default_factory=list)
+    stats: SpeculativeStats | None = None
+    reveal_counts: list[int] | None = None
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [-1, 1] -> PIL RGB images."""
+    return [Image.fromarray(a) for a in to_uint8(images)]
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return rearrange(x, "b c h w -> b h w c").cpu().numpy()
+
+
+def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
+    """Tile equally sized images row by row into one picture."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+class Pipeline:
+    """A tokenizer, a prior and optionally a draft prior, checked to agree on the codes."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, prior: torch.nn.Module, draft: torch.nn.Module | None = None
+    ) -> None:
+        identity = tokenizer.identity()
+        check_tokenizer(prior.config.tokenizer, identity)
+        if draft is not None:
+            check_tokenizer(draft.config.tokenizer, identity)
+            if draft.config.cond != prior.config.cond:
+                raise ValueError(
+                    f"draft conditioning '{draft.config.cond}' != prior '{prior.config.cond}'"
+                )
+        self.tokenizer = tokenizer.eval()
+        self.prior = prior.eval()
+        self.draft = draft.eval() if draft is not None else None
+        self._relaxed: dict[tuple[int, float], RelaxedAcceptance] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        tokenizer_dir: str | Path,
+        prior_dir: str | Path,
+        draft_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+    ) -> Pipeline:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(device)
+        prior = load_prior(prior_dir).to(device)
+        draft = load_prior(draft_dir).to(device) if draft_dir is not None else None
+        return cls(tokenizer, prior, draft)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.prior.config.tokenizer.class_names)
+
+    def class_id(self, prompt: Prompt) -> int:
+        """A class name, an id or an id as text -> id; else a ValueError listing the known classes."""
+        num_classes = self.prior.config.num_classes
+        if isinstance(prompt, int) and not isinstance(prompt, bool):
+            if not 0 <= prompt < num_classes:
+                raise ValueError(f"class id {prompt} is outside 0..{num_classes - 1}")
+            return prompt
+        names = self.class_names
+        if prompt in names:
+            return names.index(prompt)
+        if str(prompt).isdigit():  # an id given as text, e.g. from the command line
+            return self.class_id(int(prompt))
+        known = ", ".join(names) if names else f"ids 0..{num_classes - 1}"
+        raise ValueError(
+            f"unknown class '{prompt}' for this class-conditional prior (known: {known})"
+        )
+
+    def conditions(
+        self, model: torch.nn.Module, prompts: list[Prompt], negative: list[str] | None
+    ) -> tuple[Condition, Condition]:
+        """(cond, uncond) for `model`; uncond is the null condition or the negative prompts."""
+        kind = model.config.cond
+        if kind == "class":
+            ids = torch.tensor([self.class_id(p) for p in prompts], device=self.device)
+            cond = model.condition(class_ids=ids)
+        elif kind == "text":
+            if not all(isinstance(p, str) for p in prompts):
+                raise ValueError("a text-conditioned prior needs text prompts (str)")
+            cond = model.condition(texts=[str(p) for p in prompts])
+        else:
+            cond = model.condition(batch_size=len(prompts))
+        if negative is not None:
+            if kind != "text":
+                raise ValueError("negative prompts need a text-conditioned prior")
+            if len(negative) != len(prompts):
+                raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+            return cond, model.condition(texts=list(negative))
+        return cond, model.null_condition(len(prompts))
+
+    def relaxed_acceptance(self, k: int, delta: float) -> RelaxedAcceptance:
+        """LANTERN neighbours of each code in the tokenizer's latent space (cached per k, delta)."""
+        if (k, delta) not in self._relaxed:
+            metric = "cosine" if self.tokenizer.config.quantizer.l2_normalize else "l2"
+            codebook = self.tokenizer.codebook().detach().to(self.device)
+            self._relaxed[(k, delta)] = RelaxedAcceptance.from_codebook(codebook, k, delta, metric)
+        return self._relaxed[(k, delta)]
+
+    def _check(self, method: str, output_type: str) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got '{method}'")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got '{output_type}'")
+        is_maskgit = isinstance(self.prior, MaskGIT)
+        if (method == "maskgit") != is_maskgit:
+            raise ValueError(f"method '{method}' does not fit a {type(self.prior).__name__} prior")
+        if isinstance(self.prior, RQTransformer) and method != "ar":
+            raise ValueError("an RQ-Transformer prior samples with method='ar' only")
+        if method in ("speculative", "relaxed") and self.draft is None:
+            raise ValueError(f"method '{method}' needs a draft prior (draft_dir)")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[Prompt] | Prompt,
+        guidance_scale: float = 1.0,
+        guidance_schedule: str = "constant",
+        guidance_stop: float | None = None,
+        negative_prompts: Sequence[str] | None = None,
+        method: str = "ar",
+        num_steps: int = 8,
+        num_images_per_prompt: int = 1,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        draft_len: int = 4,
+        adaptive_draft: bool = False,
+        relaxed_k: int = 8,
+        relaxed_delta: float = 0.1,
+        jacobi_window: int = 8,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+    ) -> PipelineOutput:
+        """Generate `num_images_per_prompt` images per prompt (class name/id or text)."""
+        self._check(method, output_type)
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = [prompts] if isinstance(prompts, str | int) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negative = None
+        if negative_prompts is not None:
+            negative = [n for n in negative_prompts for _ in range(num_images_per_prompt)]
+        sampling = SamplingConfig(temperature, top_k, top_p)
+        guidance = GuidanceSchedule(guidance_scale, guidance_schedule, guidance_stop)
+        cond, uncond = self.conditions(self.prior, prompts, negative)
+        n = self.prior.config.seq_len
+        stats, counts = None, None
+        if method == "ar" and isinstance(self.prior, RQTransformer):
+            codes = generate_rq(
+                self.prior, cond, uncond, n, self.tokenizer.depth, sampling, guidance, generator
+            )
+        elif method == "ar":
+            codes = generate_ar(self.prior, cond, uncond, n, sampling, guidance, generator)
+        elif method == "maskgit":
+            codes, counts = generate_maskgit(
+                self.prior,
+                cond,
+                uncond,
+                n,
+                num_steps,
+                sampling,
+                guidance=guidance,
+                generator=generator,
+            )
+        elif method == "jacobi":
+            codes, stats = generate_jacobi(
+                self.prior, cond, uncond, n, jacobi_window, sampling, guidance, generator
+            )
+        else:
+            relaxed = (
+                self.relaxed_acceptance(relaxed_k, relaxed_delta) if method == "relaxed" else None
+            )
+            d_cond, d_uncond = self.conditions(self.draft, prompts, negative)
+            codes, stats = generate_speculative(
+                self.prior, self.draft, cond, d_cond, n, uncond, d_uncond, draft_len, adaptive_draft,
+                sampling=sampling, guidance=guidance, generator=generator, relaxed=relaxed,
+            )  # fmt: skip
+        return self._output(codes, prompts, output_type, stats, counts)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Flat prior codes [B, N] or [B, N, D] -> images [B, 3, H, W] in [-1, 1]."""
+        h, w = self.tokenizer.grid
+        grid_codes = codes.reshape(codes.shape[0], h, w, *codes.shape[2:])
+        if self.tokenizer.codes_have_depth and grid_codes.dim() == 3:
+            grid_codes = grid_codes[..., None]  # RQ with depth 1
+        return self.tokenizer.decode(grid_codes).clamp(-1, 1)
+
+    def _output(self, codes, prompts, output_type, stats, counts) -> PipelineOutput:
+        if output_type == "codes":
+            return PipelineOutput(codes, codes, prompts, stats, counts)
+        images = self.decode(codes)
+        out = to_pil(images) if output_type == "pil" else to_uint8(images)
+        return PipelineOutput(out, codes, prompts, stats, counts)

@@ -1,0 +1,35 @@
+"""Decoding algorithms over a prior's tokens (and, later, the prompt -> image Pipeline)."""
+
+from sampling.autoregressive import GuidedPrior, compile_decode, generate_ar, generate_rq
+from sampling.guidance import GuidanceSchedule, guide, guide_batch
+from sampling.jacobi import generate_jacobi
+from sampling.logits import SamplingConfig, probabilities, process_logits, sample
+from sampling.maskgit import generate_maskgit, reveal_schedule
+from sampling.pipeline import Pipeline, PipelineOutput
+from sampling.relaxed import RelaxedAcceptance, neighbours
+from sampling.speculative import generate_speculative, verify
+from sampling.stats import SpeculativeStats
+
+__all__ = [
+    "Pipeline",
+    "PipelineOutput",
+    "GuidanceSchedule",
+    "GuidedPrior",
+    "RelaxedAcceptance",
+    "SamplingConfig",
+    "SpeculativeStats",
+    "compile_decode",
+    "generate_ar",
+    "generate_jacobi",
+    "generate_maskgit",
+    "generate_rq",
+    "generate_speculative",
+    "guide",
+    "guide_batch",
+    "neighbours",
+    "probabilities",
+    "process_logits",
+    "reveal_schedule",
+    "sample",
+    "verify",
+]

@@ -1,0 +1,107 @@
+"""Speculative Jacobi decoding: greedy equals AR, samples follow the exact distribution."""
+
+import pytest
+import torch
+from stub_models import (
+    StubConfig,
+    StubGPT,
+    exactness_pvalue,
+    sequence_probabilities,
+    single_thread,  # noqa: F401  (fixture)
+    tiny_prior,
+)
+
+import sampling.speculative as speculative
+from sampling.autoregressive import generate_ar
+from sampling.guidance import GuidanceSchedule, guide
+from sampling.jacobi import generate_jacobi
+from sampling.logits import SamplingConfig
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def conds(model, labels):
+    labels = torch.as_tensor(labels)
+    return model.condition(labels), model.null_condition(len(labels))
+
+
+@pytest.mark.parametrize(("window", "scale"), [(1, 1.0), (3, 2.0), (6, 1.0), (30, 3.0)])
+def test_greedy_jacobi_equals_greedy_ar(window, scale):
+    model = StubGPT(StubConfig(vocab_size=5, seed=2, gain=3.0))
+    cond, uncond = conds(model, [0, 1, 2, 2, 1])
+    greedy, guidance = SamplingConfig(temperature=0.0), GuidanceSchedule(scale)
+    codes, stats = generate_jacobi(model, cond, uncond, 20, window, greedy, guidance, gen(0))
+    assert torch.equal(codes, generate_ar(model, cond, uncond, 20, greedy, guidance))
+    assert stats.target_calls <= 20 and stats.draft_calls == 0
+
+
+def exact_probs(model, sampling, guidance, length=3):
+    guided = guidance.needs_unconditional(length)
+
+    def fn(c, u, i):
+        return sampling.probabilities(guide(c, u, guidance.scale_at(i, length)) if guided else c)
+
+    return sequence_probabilities(model, 0, length, fn, guided)[1]
+
+
+@pytest.mark.parametrize(
+    ("sampling", "guidance", "window"),
+    [
+        (SamplingConfig(), GuidanceSchedule(1.0), 2),
+        (SamplingConfig(temperature=1.5, top_k=3), GuidanceSchedule(2.0), 3),
+    ],
+)
+def test_jacobi_is_exact(sampling, guidance, window):
+    model = StubGPT(StubConfig(vocab_size=4, seed=4, gain=1.0))
+    cond, uncond = conds(model, [0] * 100_000)
+    codes, stats = generate_jacobi(model, cond, uncond, 3, window, sampling, guidance, gen(5))
+    assert 0.2 < stats.acceptance_rate < 0.9
+    assert exactness_pvalue(codes, exact_probs(model, sampling, guidance), 4) > 1e-3
+
+
+def test_negative_control_wrong_residual_fails(monkeypatch):
+    monkeypatch.setattr(speculative, "_residual", lambda p, q: p)
+    model = StubGPT(StubConfig(vocab_size=4, seed=4, gain=1.0))
+    cond, uncond = conds(model, [0] * 30_000)
+    guidance = GuidanceSchedule(2.0)
+    codes, _ = generate_jacobi(model, cond, uncond, 3, 2, SamplingConfig(), guidance, gen(5))
+    assert exactness_pvalue(codes, exact_probs(model, SamplingConfig(), guidance), 4) < 1e-8
+
+
+def test_scale_one_never_runs_unconditional():
+    model = StubGPT(StubConfig(vocab_size=6, seed=1))
+    cond, uncond = conds(model, [0, 1, 2])
+    a, _ = generate_jacobi(model, cond, uncond, 9, 4, generator=gen(3))
+    assert model.batch_sizes == {3}
+    b, _ = generate_jacobi(model, cond, None, 9, 4, generator=gen(3))
+    assert torch.equal(a, b)
+
+
+def test_short_sequences_and_bad_window():
+    model = StubGPT(StubConfig(vocab_size=6, seed=1))
+    cond, uncond = conds(model, [0, 1])
+    for n in (1, 2, 4):
+        codes, stats = generate_jacobi(
+            model, cond, uncond, n, 3, guidance=GuidanceSchedule(2.0), generator=gen(n)
+        )
+        assert codes.shape == (2, n) and stats.target_calls <= n
+    with pytest.raises(ValueError, match="window"):
+        generate_jacobi(model, cond, uncond, 4, 0)
+
+
+def test_real_gpt_greedy_jacobi_equals_greedy_ar():
+    model = tiny_prior("gpt", seed=3)
+    cond, uncond = conds(model, [0, 1, 2])
+    greedy, guidance = SamplingConfig(temperature=0.0), GuidanceSchedule(2.0)
+    with torch.no_grad():
+        codes, stats = generate_jacobi(model, cond, uncond, 12, 4, greedy, guidance, gen(0))
+        assert torch.equal(codes, generate_ar(model, cond, uncond, 12, greedy, guidance))
+        sampled, _ = generate_jacobi(
+            model, cond, uncond, 12, 4, guidance=guidance, generator=gen(1)
+        )
+    assert stats.target_calls <= 12
+    assert sampled.shape == (3, 12) and ((sampled >= 0) & (sampled < 8)).all()

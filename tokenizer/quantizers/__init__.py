@@ -137,7 +137,7 @@ class Quantizer(nn.Module):
 
     def _check_codes(self, codes: Tensor) -> None:
         want = 4 if self.codes_have_depth else 3
-        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
             raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
         if codes.dim() != want or (want == 4 and codes.shape[-1] != self.depth):
             shape = "[B,h,w]" if want == 3 else f"[B,h,w,{self.depth}]"

@@ -4,6 +4,8 @@ r_0 = e; c_d = NN(r_{d-1}); r_d = r_{d-1} - q(c_d); output sum_d q(c_d) with the
 the sum. Searches run on detached residuals; the commitment term is averaged over depths on the
 partial sums: mean_d |e - sg(sum_{i<=d} q_i)|^2. Each codebook's own loss pulls q_d towards the
 residual it quantized (the gradient analogue of the EMA update, which averages those residuals).
+k-means init runs per codebook on the first residual it sees: depth by depth for per-depth
+books, on e itself for a shared book (restarts then seed codes from every depth's residuals).
 """
 
 from __future__ import annotations

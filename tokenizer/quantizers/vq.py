@@ -37,17 +37,19 @@ def nearest_code(x: Tensor, codebook: Tensor, *, cosine: bool, chunk_size: int) 
     return out
 
 
+def sample_rows(x: Tensor, n: int) -> Tensor:
+    """n random rows of x [M,d]: without replacement when M >= n, else with."""
+    m = x.shape[0]
+    if m >= n:
+        return x[torch.randperm(m, device=x.device)[:n]]
+    return x[torch.randint(m, (n,), device=x.device)]
+
+
 @torch.no_grad()
 def kmeans(x: Tensor, k: int, iters: int, *, cosine: bool, chunk_size: int) -> Tensor:
     """Lloyd's k-means (spherical when cosine) on x [M,d] -> centroids [k,d]; empty clusters keep
     their previous centroid. Seeds from k random rows (with replacement when M < k)."""
-    m = x.shape[0]
-    pick = (
-        torch.randperm(m, device=x.device)[:k]
-        if m >= k
-        else torch.randint(m, (k,), device=x.device)
-    )
-    centroids = x[pick].clone()  # [k,d]
+    centroids = sample_rows(x, k).clone()  # [k,d]
     for _ in range(iters):
         assign = nearest_code(x, centroids, cosine=cosine, chunk_size=chunk_size)  # [M]
         counts = torch.bincount(assign, minlength=k).to(x.dtype)  # [k]
@@ -188,9 +190,8 @@ class Codebook(nn.Module):
         if self.use_ema:
             self.embed_sum.lerp_(sums, 1.0 - self.decay)
             total = self.cluster_size.sum()
-            smoothed = (
-                (self.cluster_size + self.eps) / (total + self.size * self.eps) * total
-            )  # Laplace
+            # Laplace smoothing: no code's count reaches 0, the total is preserved
+            smoothed = (self.cluster_size + self.eps) / (total + self.size * self.eps) * total
             self.weight.data.copy_(self.embed_sum / smoothed[:, None])
         self.usage.update(counts)
         restarted = self.restart_dead(x) if self.threshold > 0 else 0
@@ -207,13 +208,7 @@ class Codebook(nn.Module):
         if n == 0:
             return 0
         if rank() == 0:
-            m = x.shape[0]
-            pick = (
-                torch.randperm(m, device=x.device)[:n]
-                if m >= n
-                else torch.randint(m, (n,), device=x.device)
-            )
-            fresh = x[pick].float()  # [n,d]
+            fresh = sample_rows(x, n).float()  # [n,d]
         else:
             fresh = x.new_empty(n, self.dim, dtype=torch.float32)
         broadcast_(fresh)
@@ -229,6 +224,8 @@ class VectorQuantizer(Quantizer):
 
     loss = |sg(e) - q|^2 + beta |e - sg(q)|^2 (the codebook term is dropped with the EMA
     codebook); the output's value is exactly the codeword, its gradient per `estimator`.
+    A training forward updates the codebook (EMA, restarts) after quantizing, so `embed` of its
+    codes equals its output bit for bit in eval mode, or until the next update.
     """
 
     def __init__(self, cfg: QuantizerConfig, latent_dim: int) -> None:

@@ -1,0 +1,485 @@
+"""Stage-2 training: a GPT / MaskGIT / RQ-Transformer prior on token exports, through accelerate.
+
+One objective module (`PriorObjective`) wraps the prior so conditioning, masking and the loss all
+run inside the wrapped forward: DDP and DeepSpeed engines see one call per micro-batch, and ZeRO-3
+gathers every parameter the condition uses. The run: manifest -> resolved prior config (vocab,
+grid, depth, classes and the tokenizer identity come from the tokens) -> `TrainLoop` with eval
+(held-out loss, per-token accuracy) and sample-grid hooks -> `output_dir/final/` gathered under
+every ZeRO stage, after checking that every rank holds the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, DummyOptim, DummyScheduler, gather_object
+from PIL import Image
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from prior.conditioning import Condition, word_vocab
+from prior.configs import GPTConfig, MaskGITConfig, PriorConfig, RQTransformerConfig, TokenizerInfo
+from prior.data import PriorData, PriorDataConfig, check_info, check_labels, load_data
+from prior.loading import load_prior, prior_classes
+from prior.maskgit import random_mask
+from tokenizer.model import Tokenizer
+from training.config import CliArgs, save_config
+from training.ema import EMA
+from training.loop import StepOutput, TrainLoop, optimizer_step
+from training.runtime import OptimConfig, RuntimeConfig, build_accelerator, build_optimizer
+from training.schedule import warmup_cosine
+from training.serialization import atomic_dir
+
+MODEL_TYPES = ("gpt", "maskgit", "rq_transformer")
+# sampler(model, cond, uncond, generator) -> codes Long [B, N] or [B, N, D]
+Sampler = Callable[[nn.Module, Condition, Condition, torch.Generator], Tensor]
+
+
+@dataclass
+class PriorModelConfig:
+    """Which prior (`type`) and its config; vocab/grid/depth/classes are filled from the tokens."""
+
+    type: str = "gpt"
+    init_from: str = ""  # a saved prior to start from (same type and tokenizer)
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    maskgit: MaskGITConfig = field(default_factory=MaskGITConfig)
+    rq_transformer: RQTransformerConfig = field(default_factory=RQTransformerConfig)
+
+    def __post_init__(self) -> None:
+        if self.type not in MODEL_TYPES:
+            raise ValueError(f"model.type must be one of {MODEL_TYPES}, got {self.type!r}")
+
+    def selected(self) -> PriorConfig:
+        return getattr(self, self.type)
+
+
+@dataclass
+class SampleConfig:
+    """Periodic sample grids: rows of classes (or captions), `per_row` samples each."""
+
+    rows: int = 4
+    per_row: int = 8
+    guidance_scale: float = 2.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    maskgit_steps: int = 8
+    seed: int = 0
+
+
+@dataclass
+class PriorTrainConfig:
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: PriorDataConfig = field(default_factory=lambda: PriorDataConfig(tokens="outputs/tokens"))
+    model: PriorModelConfig = field(default_factory=PriorModelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    compile: bool = False
+    gradient_checkpointing: bool = False
+
+
+# ---- the objective ------------------------------------------------------------------------------
+class PriorObjective(nn.Module):
+    """prior + condition + loss in one forward: returns the mean loss and per-row sums."""
+
+    def __init__(self, prior: nn.Module) -> None:
+        super().__init__()
+        self.prior = prior
+        self.kind = prior.config.model_type
+
+    def _condition(self, labels: Tensor, captions: list[str], batch: int) -> Condition:
+        cond = self.prior.config.cond
+        if cond == "class":
+            return self.prior.condition(class_ids=labels, drop=self.training)
+        if cond == "text":
+            return self.prior.condition(texts=list(captions), drop=self.training)
+        return self.prior.condition(batch_size=batch)
+
+    def forward(
+        self,
+        codes: Tensor,
+        labels: Tensor,
+        captions: list[str],
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """codes Long [B, N] or [B, N, D]; MaskGIT masks with `generator` (fixed masks for eval)."""
+        cond = self._condition(labels, captions, codes.shape[0])
+        smoothing = 0.0
+        if self.kind == "maskgit":
+            mask = random_mask(codes.shape[0], codes.shape[1], codes.device, generator)  # [B, N]
+            inputs = torch.where(mask, torch.full_like(codes, self.prior.mask_token_id), codes)
+            logits = self.prior(inputs, cond)  # [B, N, V]
+            weight = mask.float()
+            smoothing = self.prior.config.label_smoothing
+        else:
+            logits = self.prior(codes, cond)  # [B, N, V] or [B, N, D, V]
+            weight = torch.ones(codes.shape, device=codes.device)
+        vocab = logits.shape[-1]
+        nll = F.cross_entropy(
+            logits.reshape(-1, vocab).float(),
+            codes.reshape(-1),
+            reduction="none",
+            label_smoothing=smoothing,
+        ).reshape(codes.shape)
+        correct = (logits.argmax(-1) == codes).float()
+        weight = weight.flatten(1)  # [B, N*D]
+        nll_sum = (nll.flatten(1) * weight).sum(1)  # [B]
+        count = weight.sum(1)  # [B]
+        return {
+            "loss": nll_sum.sum() / count.sum().clamp(min=1.0),
+            "nll_sum": nll_sum.detach(),
+            "correct": (correct.flatten(1) * weight).sum(1).detach(),
+            "count": count.detach(),
+        }
+
+
+# ---- set-up -------------------------------------------------------------------------------------
+def resolve_prior_config(
+    model_cfg: PriorModelConfig,
+    info: TokenizerInfo,
+    captions: list[str],
+    gradient_checkpointing: bool,
+) -> PriorConfig:
+    """The selected config with vocab, grid, depth, classes, text vocab and tokenizer from the data."""
+    cfg = model_cfg.selected()
+    check_info(cfg.tokenizer, info, f"model.{model_cfg.type}.tokenizer (pinned in the config)")
+    if model_cfg.type != "rq_transformer" and info.depth != 1:
+        raise ValueError(f"tokens have depth {info.depth}: train model.type=rq_transformer on them")
+    if model_cfg.type == "rq_transformer" and info.depth == 1:
+        raise ValueError("tokens have depth 1: model.type=rq_transformer needs residual (RQ) codes")
+    changes: dict[str, Any] = {
+        "vocab_size": info.codebook_size,
+        "grid": list(info.grid),
+        "tokenizer": info,
+        "gradient_checkpointing": cfg.gradient_checkpointing or gradient_checkpointing,
+    }
+    if model_cfg.type == "rq_transformer":
+        changes["depth"] = info.depth
+    if cfg.cond == "class":
+        if not info.class_names:
+            raise ValueError(
+                "cond='class' needs class names in the tokens' manifest; use cond=none or text"
+            )
+        changes["num_classes"] = len(info.class_names)
+    if cfg.cond == "text" and not cfg.text.name_or_path and not cfg.text.vocab:
+        changes["text"] = dataclasses.replace(
+            cfg.text, vocab=word_vocab(captions, cfg.text.lowercase)
+        )
+    return dataclasses.replace(cfg, **changes)
+
+
+def build_prior(cfg: PriorConfig) -> nn.Module:
+    return prior_classes()[cfg.model_type](cfg)
+
+
+def configure_deepspeed(acc: Accelerator, cfg: PriorTrainConfig, dim: int) -> dict[str, Any] | None:
+    """Fill the DeepSpeed config values accelerate leaves to us; None when not under DeepSpeed.
+
+    accelerate sizes ZeRO buckets from `model.config.hidden_size`, which our objective lacks: the
+    same formulas are applied here with the prior's width `dim`.
+    """
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    rt = cfg.runtime
+    ds["train_micro_batch_size_per_gpu"] = rt.batch_size
+    ds["gradient_accumulation_steps"] = rt.gradient_accumulation_steps
+    ds["train_batch_size"] = rt.batch_size * rt.gradient_accumulation_steps * acc.num_processes
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    zero = ds.setdefault("zero_optimization", {})
+    sizes = {
+        "reduce_bucket_size": dim * dim,
+        "stage3_prefetch_bucket_size": int(0.9 * dim * dim),
+        "stage3_param_persistence_threshold": 10 * dim,
+    }
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if int(zero.get("stage", 0)) == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # final save gathers weights
+    if "optimizer" not in ds:
+        ds["zero_allow_untested_optimizer"] = True  # our own AdamW
+    return ds
+
+
+def build_optimization(
+    model: nn.Module, cfg: PriorTrainConfig, ds: dict[str, Any] | None
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW + warmup/cosine; DeepSpeedCPUAdam under optimizer offload; Dummy* when the DS config
+    defines its own optimizer / scheduler."""
+    o, total = cfg.optim, cfg.runtime.max_steps
+    if ds is not None and "optimizer" in ds:
+        optimizer = DummyOptim(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    else:
+        optimizer = build_optimizer(model, o)
+        offload = ((ds or {}).get("zero_optimization", {}).get("offload_optimizer") or {}).get(
+            "device"
+        )
+        if offload in ("cpu", "nvme"):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            groups = [
+                {"params": g["params"], "weight_decay": g["weight_decay"]}
+                for g in optimizer.param_groups
+            ]
+            optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=tuple(o.betas), adamw_mode=True)
+    if ds is not None and "scheduler" in ds:
+        return optimizer, DummyScheduler(
+            optimizer, total_num_steps=total, warmup_num_steps=o.warmup_steps
+        )
+    return optimizer, warmup_cosine(optimizer, o.warmup_steps, total, o.min_lr_ratio)
+
+
+def _strip(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Objective state -> prior state ("prior." prefix removed)."""
+    return {k.removeprefix("prior."): v for k, v in state.items() if k.startswith("prior.")}
+
+
+def _sharded(acc: Accelerator) -> bool:
+    """True when no rank holds whole weights (ZeRO-3, FSDP): gathering them is a collective."""
+    if acc.distributed_type == DistributedType.FSDP:
+        return True
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    zero = acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+    return int(zero.get("stage", 0)) == 3
+
+
+def weights_digest(acc: Accelerator, model: nn.Module) -> str:
+    """sha256 of this rank's view of the weights (ZeRO-3 partitions gathered one by one)."""
+    digest = hashlib.sha256()
+    for name, param in acc.unwrap_model(model).named_parameters():
+        if hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                data = param.detach().float().cpu()
+        elif isinstance(param, DTensor):  # FSDP2 shard
+            data = param.detach().full_tensor().float().cpu()
+        else:
+            data = param.detach().float().cpu()
+        digest.update(name.encode())
+        digest.update(data.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_grid(images: Tensor, path: Path, per_row: int) -> None:
+    """images [B, 3, H, W] in [-1, 1] -> one PNG, `per_row` per row, 2 px black gutters."""
+    imgs = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    b, c, h, w = imgs.shape
+    rows = -(-b // per_row)
+    canvas = torch.zeros(c, rows * (h + 2) + 2, per_row * (w + 2) + 2, dtype=torch.uint8)
+    for i in range(b):
+        r, q = divmod(i, per_row)
+        canvas[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = (
+            imgs[i]
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def train(cfg: PriorTrainConfig, args: CliArgs, sampler: Sampler | None = None) -> Path:
+    """Train a prior as configured; returns `output_dir/final`."""
+    out = Path(args.output_dir)
+    acc = build_accelerator(cfg.runtime, out)
+    if cfg.runtime.tracker != "none":
+        acc.init_trackers("prior")
+    data = load_data(cfg.data, cfg.runtime, acc.device)
+    prior_cfg = resolve_prior_config(
+        cfg.model, data.info, data.captions, cfg.gradient_checkpointing
+    )
+    if prior_cfg.cond == "class":
+        check_labels(data, prior_cfg.num_classes)
+    prior = build_prior(prior_cfg)
+    if cfg.model.init_from:
+        start = load_prior(cfg.model.init_from)
+        if start.config.model_type != prior_cfg.model_type:
+            raise ValueError(
+                f"model.init_from is a {start.config.model_type}, not a {prior_cfg.model_type}"
+            )
+        check_info(start.config.tokenizer, data.info, f"model.init_from {cfg.model.init_from}")
+        prior.load_state_dict(start.state_dict())
+    if acc.is_main_process:
+        resolved = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, **{cfg.model.type: prior_cfg})
+        )
+        save_config(resolved, out / "config.yaml")
+    acc.print(f"prior: {prior_cfg.model_type}, {sum(p.numel() for p in prior.parameters()):,} params, "
+              f"tokens {data.info.grid} x depth {data.info.depth}, vocab {data.info.codebook_size}")  # fmt: skip
+    ds_config = configure_deepspeed(acc, cfg, prior_cfg.dim)
+    if acc.distributed_type == DistributedType.FSDP and cfg.optim.ema_decay > 0:
+        raise ValueError("optim.ema_decay > 0 is not supported under FSDP (the EMA copy is not "
+                         "sharded): set optim.ema_decay=0 or use DeepSpeed ZeRO")  # fmt: skip
+    ema = EMA(prior, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    if cfg.compile:
+        prior.compile()  # in place: parameter names (and checkpoints) stay unchanged
+    objective = PriorObjective(prior)
+    optimizer, scheduler = build_optimization(objective, cfg, ds_config)
+    objective, optimizer, train_loader, scheduler = acc.prepare(
+        objective, optimizer, data.train_loader, scheduler
+    )
+    val_loader = acc.prepare(data.val_loader) if data.val_loader is not None else None
+    if ema is not None:
+        acc.register_for_checkpointing(ema)
+    loop = TrainLoop(acc, cfg.runtime, out)
+    loop.resume(args.resume)
+
+    def train_step(batch: dict[str, Any]) -> StepOutput:
+        batch = data.to_tokens(batch)
+        with acc.accumulate(objective):
+            res = objective(batch["codes"], batch["label"], batch["caption"])
+            step = optimizer_step(
+                acc, objective, optimizer, scheduler, res["loss"], cfg.optim.grad_clip
+            )
+        if not step.skipped:
+            step.metrics["accuracy"] = float(res["correct"].sum() / res["count"].sum().clamp(min=1))
+            if ema is not None and acc.sync_gradients:
+                ema.update(acc.unwrap_model(objective).prior)
+        return step
+
+    @torch.no_grad()
+    def evaluate(step: int) -> None:
+        if val_loader is None:
+            return
+        objective.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
+        generator = torch.Generator().manual_seed(cfg.runtime.seed + 1)  # same masks every eval
+        for batch in val_loader:
+            batch = data.to_tokens(batch)
+            res = objective(batch["codes"], batch["label"], batch["caption"], generator=generator)
+            nll, correct, count = acc.gather_for_metrics(
+                (res["nll_sum"], res["correct"], res["count"])
+            )
+            sums += torch.stack([nll.sum(), correct.sum(), count.sum()]).double()
+        objective.train()
+        total = max(float(sums[2]), 1.0)
+        loop.log.log(
+            step, {"val_loss": float(sums[0]) / total, "val_accuracy": float(sums[1]) / total}
+        )
+
+    tokenizer: list[Tokenizer | None] = []
+
+    def sampling_model() -> nn.Module | None:
+        """A plain full copy of the current (EMA) weights on the main process; None elsewhere."""
+        if ema is not None:
+            return copy.deepcopy(ema.shadow).to(acc.device).eval() if acc.is_main_process else None
+        if _sharded(acc):
+            state = acc.get_state_dict(objective)  # collective: every rank calls it
+        else:
+            state = acc.unwrap_model(objective).state_dict() if acc.is_main_process else None
+        if not acc.is_main_process:
+            return None
+        fresh = build_prior(dataclasses.replace(prior_cfg, gradient_checkpointing=False))
+        fresh.load_state_dict(_strip(state))
+        return fresh.float().to(acc.device).eval()
+
+    @torch.no_grad()
+    def make_samples(step: int) -> None:
+        model = sampling_model()
+        if acc.is_main_process and model is not None and sampler is not None:
+            if not tokenizer:
+                tokenizer.append(_sample_tokenizer(data, acc))
+            if tokenizer[0] is not None:
+                codes = _sample_codes(
+                    model, prior_cfg, cfg.sample, data.captions, sampler, acc.device
+                )
+                h, w = prior_cfg.grid
+                codes = codes.reshape(codes.shape[0], h, w, *codes.shape[2:])  # [B, h, w(, D)]
+                images = tokenizer[0].decode(codes)
+                save_grid(images, out / "samples" / f"step_{step:06d}.png", cfg.sample.per_row)
+        acc.wait_for_everyone()
+
+    hooks = {
+        "eval": rng_neutral(evaluate, acc.device),
+        "sample": rng_neutral(make_samples, acc.device),
+    }
+    loop.run(train_loader, train_step, hooks=hooks)
+    final = save_final(acc, objective, ema, prior_cfg, out)
+    acc.end_training()
+    return final
+
+
+def rng_neutral(hook: Callable[[int], None], device: torch.device) -> Callable[[int], None]:
+    """Run a hook without touching the training RNG streams: building a sampling copy or the
+    tokenizer draws random inits, which would otherwise make training depend on hook cadence."""
+
+    def wrapped(step: int) -> None:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            hook(step)
+
+    return wrapped
+
+
+def _sample_tokenizer(data: PriorData, acc: Accelerator) -> Tokenizer | None:
+    """The tokenizer for sample grids, checked against the tokens' identity; None if unavailable."""
+    if not data.tokenizer_dir or not Path(data.tokenizer_dir).is_dir():
+        acc.print("no tokenizer directory (data.tokenizer): sample grids are skipped")
+        return None
+    tok = Tokenizer.from_pretrained(data.tokenizer_dir).to(acc.device).eval()
+    identity = TokenizerInfo(**{**tok.identity(), "class_names": data.info.class_names})
+    check_info(data.info, identity, f"tokenizer {data.tokenizer_dir} for sample grids")
+    return tok
+
+
+def _sample_codes(
+    model: nn.Module, prior_cfg: PriorConfig, sample: SampleConfig, captions: list[str],
+    sampler: Sampler, device: torch.device,
+) -> Tensor:  # fmt: skip
+    """Codes for a grid: one row per class (or distinct caption), `per_row` samples each."""
+    n = sample.rows * sample.per_row
+    if prior_cfg.cond == "class":
+        ids = torch.arange(sample.rows) % prior_cfg.num_classes
+        cond = model.condition(class_ids=ids.repeat_interleave(sample.per_row).to(device))
+    elif prior_cfg.cond == "text":
+        prompts = list(dict.fromkeys(captions))[: sample.rows] or [""]
+        prompts = [prompts[i % len(prompts)] for i in range(sample.rows)]
+        cond = model.condition(texts=[p for p in prompts for _ in range(sample.per_row)])
+    else:
+        cond = model.condition(batch_size=n)
+    generator = torch.Generator(device=device).manual_seed(sample.seed)
+    return sampler(model, cond, model.null_condition(n), generator)
+
+
+def save_final(
+    acc: Accelerator, objective: nn.Module, ema: EMA | None, prior_cfg: PriorConfig, out: Path
+) -> Path:
+    """Gather the weights (all ranks), check every rank holds the same, save `out/final` (main)."""
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(objective)  # ZeRO-3: gathered on the main process only
+    digests = gather_object([weights_digest(acc, objective)])
+    final = out / "final"
+    if acc.is_main_process:
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks hold different weights at the end of training: {digests}")
+        (out / "final_weights.json").write_text(json.dumps({"sha256_per_rank": digests}, indent=2))
+        weights = ema.shadow.state_dict() if ema is not None else _strip(state)
+        model = build_prior(dataclasses.replace(prior_cfg, gradient_checkpointing=False))
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+        with atomic_dir(final, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+        acc.print(f"saved {final}")
+    acc.wait_for_everyone()
+    return final
+
+
+__all__ = [
+    "PriorDataConfig",
+    "PriorModelConfig",
+    "PriorObjective",
+    "PriorTrainConfig",
+    "SampleConfig",
+    "Sampler",
+    "save_grid",
+    "train",
+]

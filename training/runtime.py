@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
     InitProcessGroupKwargs,
     ProjectConfiguration,
     set_seed,
@@ -39,6 +40,7 @@ class RuntimeConfig:
     tracker: str = "tensorboard"  # tensorboard | none
     progress: bool = True
     num_workers: int = 0
+    find_unused_parameters: bool = False  # DDP: set when some parameters may get no gradient
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
@@ -85,11 +87,11 @@ def build_accelerator(cfg: RuntimeConfig, output_dir: str | Path) -> Accelerator
     """Accelerator for DDP / FSDP / DeepSpeed as chosen by `accelerate launch`; gloo on CPU."""
     output_dir = Path(output_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = (
-        [InitProcessGroupKwargs(backend="gloo")]
-        if distributed and not torch.cuda.is_available()
-        else []
-    )
+    handlers: list = [
+        DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
+    ]
+    if distributed and not torch.cuda.is_available():
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,

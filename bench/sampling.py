@@ -1,0 +1,555 @@
+"""Sampling benchmark: our decoders vs `transformers` generate on identical weights.
+
+1. AR decode tokens/s: `generate_ar` (static KV cache, optionally compiled) vs
+   `LlamaForCausalLM.generate(do_sample=True)` on the prior exported with `prior.hf_export`
+   (same batch, same number of new tokens, class tokens suppressed by the export's
+   generation_config, default dynamic cache). No CFG here: transformers' CFG processor runs the
+   unconditional branch as a separate forward and cannot be matched exactly.
+2. Speculative (exact), relaxed (LANTERN) and Jacobi decoding: wall-time speed-up, acceptance
+   rate and tokens per target call vs our plain AR, at batch 1 and batch > 1, with and without
+   CFG; and vs transformers assisted generation (`assistant_model=`, batch 1, no CFG) with the
+   draft exported too and the same draft length.
+3. MaskGIT images/s vs AR images/s for a MaskGIT of the target's size.
+
+Candidates of one setting run round-robin in one process (see bench/common.py); medians and
+their ratios are reported. Greedy speculative, relaxed and Jacobi decoding must reproduce greedy
+AR, and the export must reproduce our logits and greedy tokens: checked in fp32 before timing.
+
+    python bench/sampling.py                  # trained demo models if present, else random; CPU
+    python bench/sampling.py --quick          # seconds: 8x8 tokens, one timed repeat
+    python bench/sampling.py --device cuda --compile --out outputs/bench/sampling.json
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# run as a script, this file's folder comes first on sys.path and would shadow `sampling`
+for entry in [p for p in sys.path if Path(p or ".").resolve() == ROOT / "bench"]:
+    sys.path.remove(entry)
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import itertools  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from bench.common import Timing, device_name, emit, interleaved  # noqa: E402
+from prior import GPT, GPTConfig, MaskGIT, MaskGITConfig, load_prior  # noqa: E402
+from prior.conditioning import Condition  # noqa: E402
+from prior.hf_export import llama_input_ids, to_llama  # noqa: E402
+from sampling import (  # noqa: E402
+    GuidanceSchedule,
+    Pipeline,
+    RelaxedAcceptance,
+    SamplingConfig,
+    SpeculativeStats,
+    generate_ar,
+    generate_jacobi,
+    generate_maskgit,
+    generate_speculative,
+)
+from tokenizer import Tokenizer  # noqa: E402
+
+RANDOM_NOTE = (
+    "random weights: the untrained target and draft are both close to uniform, so the draft "
+    "agrees with the target far more than a real draft would and Jacobi's random guesses are "
+    "accepted far more often than on a trained prior (relaxed acceptance even reaches 1: a "
+    "draft token borrows its k neighbours' mass). Acceptance rates and the speed-ups of "
+    "speculative / relaxed / Jacobi decoding are therefore NOT meaningful here; the AR vs "
+    "transformers and MaskGIT vs AR timings are (they depend on sizes only)."
+)
+OURS = ["ar", "speculative", "relaxed", "jacobi"]
+SETTINGS = (
+    "batch", "cfg", "draft_len", "relaxed_k", "relaxed_delta", "jacobi_window", "maskgit_steps",
+    "temperature", "top_k", "hf_cache", "compile", "compile_mode", "repeats", "warmup", "seed",
+)  # fmt: skip
+MASKGIT_NOTE = (
+    "MaskGIT makes T full passes over all N tokens (about T times the FLOPs of AR's N cached "
+    "one-token steps) instead of N small calls: compute-bound CPUs see little gain, GPUs a lot."
+)
+ASSISTED = ["ar", "speculative", "transformers", "transformers_assisted"]
+CFG_NOTE = (
+    "transformers is compared without CFG only: its CFG processor runs the unconditional branch "
+    "as a separate unbatched forward with its own cache (not our doubled [cond; uncond] batch), "
+    "guides log-softmaxed scores, and is not rolled back by assisted generation."
+)
+
+
+@dataclass
+class Models:
+    """Our priors, and the 1D-RoPE GPTs the transformers comparison runs on (exported)."""
+
+    target: GPT
+    draft: GPT
+    maskgit: MaskGIT
+    relaxed: RelaxedAcceptance
+    weights: str
+    hf_target_src: GPT
+    hf_draft_src: GPT
+    hf_weights: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def hf_is_main(self) -> bool:
+        return self.hf_target_src is self.target and self.hf_draft_src is self.draft
+
+
+def resolve(path: str | None) -> Path | None:
+    """A saved model folder (config.json inside), or its final/ subfolder; None when absent."""
+    if not path:
+        return None
+    for candidate in (Path(path), Path(path) / "final"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def random_gpt(like: GPTConfig | None, dim: int, layers: int, heads: int, args) -> GPT:
+    """A freshly initialised 1D-RoPE GPT of the given size (vocab/grid/cond from `like`)."""
+    if like is not None:
+        cfg = dataclasses.replace(like, dim=dim, n_layers=layers, n_heads=heads, rope="1d")
+    else:
+        cfg = GPTConfig(
+            vocab_size=args.vocab, grid=[args.grid, args.grid], cond="class",
+            num_classes=args.num_classes, dim=dim, n_layers=layers, n_heads=heads, rope="1d",
+        )  # fmt: skip
+    torch.manual_seed(args.seed)
+    return GPT(cfg).eval()
+
+
+def load_gpt(path: Path) -> GPT:
+    model = load_prior(path)
+    if not isinstance(model, GPT):
+        raise ValueError(f"{path} holds a {type(model).__name__}; this benchmark needs a GPT prior")
+    if model.config.cond == "text":
+        raise ValueError(f"{path}: text-conditional priors are not supported (no Llama export)")
+    return model.eval()
+
+
+def build_models(args) -> Models:
+    prior_dir = None if args.random else resolve(args.prior)
+    notes: list[str] = []
+    if prior_dir is None:
+        target = random_gpt(None, args.target_dim, args.target_layers, args.target_heads, args)
+        draft = random_gpt(None, args.draft_dim, args.draft_layers, args.draft_heads, args)
+        weights = "random"
+    else:
+        target, weights = load_gpt(prior_dir), f"trained ({prior_dir})"
+        draft_dir = resolve(args.draft)
+        if draft_dir is not None:
+            draft = load_gpt(draft_dir)
+        else:
+            sizes = (args.draft_dim, args.draft_layers, args.draft_heads)
+            draft = random_gpt(target.config, *sizes, args)
+            notes.append("no trained draft found: the draft is random, acceptance is meaningless")
+    if target.config.cond != draft.config.cond:
+        raise ValueError(f"draft cond {draft.config.cond!r} != target {target.config.cond!r}")
+    tok_dir = None if prior_dir is None else resolve(args.tokenizer)
+    if tok_dir is not None:
+        pipe = Pipeline(Tokenizer.from_pretrained(tok_dir).eval(), target, draft)
+        relaxed = pipe.relaxed_acceptance(args.relaxed_k, args.relaxed_delta)
+    else:  # LANTERN neighbours of a random 8-dim codebook
+        rng = torch.Generator().manual_seed(args.seed)
+        codebook = torch.randn(target.config.vocab_size, 8, generator=rng)
+        relaxed = RelaxedAcceptance.from_codebook(codebook, args.relaxed_k, args.relaxed_delta)
+        if prior_dir is not None:
+            notes.append("no tokenizer found: LANTERN neighbours come from a random codebook")
+    mg_fields = {f.name: getattr(target.config, f.name) for f in dataclasses.fields(GPTConfig)}
+    mg_fields.pop("model_type")
+    torch.manual_seed(args.seed)
+    maskgit = MaskGIT(MaskGITConfig(**mg_fields)).eval()
+    hf_target, hf_draft, hf_weights = target, draft, weights
+    if target.config.rope != "1d" or draft.config.rope != "1d":
+        tc, dc = target.config, draft.config
+        if tc.rope != "1d":
+            hf_target = random_gpt(tc, tc.dim, tc.n_layers, tc.n_heads, args)
+        if dc.rope != "1d":
+            hf_draft = random_gpt(tc, dc.dim, dc.n_layers, dc.n_heads, args)
+        hf_weights = "random (the trained prior/draft uses 2D RoPE, which has no Llama export)"
+        notes.append(
+            "the transformers comparisons run on freshly initialised 1D-RoPE GPTs of the same "
+            "sizes (ours side by side on those same weights)"
+        )
+    return Models(target, draft, maskgit, relaxed, weights, hf_target, hf_draft, hf_weights, notes)
+
+
+def conditions(model: torch.nn.Module, batch: int) -> tuple[Condition, Condition, Tensor | None]:
+    """(cond, uncond, class ids or None) for `batch` rows cycling over the classes."""
+    device = next(model.parameters()).device
+    if model.config.cond == "class":
+        ids = torch.arange(batch, device=device) % model.config.num_classes
+        return model.condition(class_ids=ids), model.null_condition(batch), ids
+    return model.condition(batch_size=batch), model.null_condition(batch), None
+
+
+class CallCounter:
+    """Forwards of a transformers model and the tokens fed to them (for assisted generation)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = self.fed = 0
+        module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.calls += 1
+        self.fed += 0 if ids is None else int(ids.shape[1])
+
+    def reset(self) -> None:
+        self.calls = self.fed = 0
+
+
+@dataclass
+class HF:
+    target: Any
+    draft: Any
+    target_calls: CallCounter
+    draft_calls: CallCounter
+
+
+def export(models: Models, args, device: torch.device) -> HF:
+    transformers.logging.set_verbosity_error()
+    target = to_llama(models.hf_target_src).to(device)
+    draft = to_llama(models.hf_draft_src).to(device)
+    gc = draft.generation_config  # the assistant's drafting policy: our fixed draft length
+    gc.num_assistant_tokens, gc.num_assistant_tokens_schedule = args.draft_len, "constant"
+    gc.assistant_confidence_threshold = 0.0  # off: no early stop of a draft round
+    return HF(target, draft, CallCounter(target), CallCounter(draft))
+
+
+def candidates(
+    target: GPT, draft: GPT, batch: int, scale: float, methods: list[str], models: Models,
+    hf: HF | None, args, device: torch.device,
+) -> dict[str, Callable[[], Any]]:  # fmt: skip
+    """Closures for one (batch, guidance) setting; every call samples with a fresh seed."""
+    n = target.config.seq_len
+    tc, tu, ids = conditions(target, batch)
+    dc, du, _ = conditions(draft, batch)
+    guidance = GuidanceSchedule(scale)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k)
+    seeds = itertools.count(args.seed)
+
+    def gen() -> torch.Generator:
+        return torch.Generator(device).manual_seed(next(seeds))
+
+    def spec(relaxed: RelaxedAcceptance | None) -> SpeculativeStats:
+        return generate_speculative(
+            target, draft, tc, dc, n, tu, du, args.draft_len, sampling=sampling,
+            guidance=guidance, generator=gen(), relaxed=relaxed,
+        )[1]  # fmt: skip
+
+    def hf_generate(assistant: Any = None) -> SpeculativeStats:
+        no_codes = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        inputs = llama_input_ids(no_codes, ids, target.config.vocab_size)  # [B, 1]
+        extra = {"assistant_model": assistant} if assistant is not None else {}
+        if args.hf_cache and assistant is None:
+            extra["cache_implementation"] = args.hf_cache
+        hf.target_calls.reset()
+        hf.draft_calls.reset()
+        torch.manual_seed(next(seeds))  # transformers samples from the global RNG
+        out = hf.target.generate(
+            inputs, attention_mask=torch.ones_like(inputs), do_sample=True,
+            temperature=args.temperature, top_k=args.top_k, top_p=1.0, max_new_tokens=n, **extra,
+        )  # fmt: skip
+        if out.shape[1] != n + 1 or int(out[:, 1:].max()) >= target.config.vocab_size:
+            raise AssertionError(f"transformers generated {tuple(out.shape)} / a prefix token")
+        calls = hf.target_calls.calls
+        return SpeculativeStats(
+            rows=batch, num_tokens=n, target_calls=calls, draft_calls=hf.draft_calls.calls,
+            drafted=hf.target_calls.fed - calls, accepted=n - calls, iterations=calls,
+        )  # fmt: skip
+
+    def ar(compiled: bool) -> None:
+        generate_ar(target, tc, tu, n, sampling, guidance, gen(), compiled, args.compile_mode)
+
+    table: dict[str, Callable[[], Any]] = {
+        "ar": lambda: ar(False),
+        "ar_compiled": lambda: ar(True),
+        "speculative": lambda: spec(None),
+        "relaxed": lambda: spec(models.relaxed),
+        "jacobi": lambda: generate_jacobi(
+            target, tc, tu, n, args.jacobi_window, sampling, guidance, gen()
+        )[1],
+        "transformers": lambda: hf_generate(),
+        "transformers_assisted": lambda: hf_generate(hf.draft),
+    }
+    if "maskgit" in methods:
+        mc, mu, _ = conditions(models.maskgit, batch)
+        table["maskgit"] = lambda: generate_maskgit(
+            models.maskgit, mc, mu, n, args.maskgit_steps, sampling, guidance=guidance,
+            generator=gen(),
+        )[1]  # fmt: skip
+    return {name: table[name] for name in methods}
+
+
+def ratio(baseline: Timing, candidate: Timing) -> float:
+    """Speed-up of candidate over baseline from the medians (> 1: candidate faster)."""
+    return round(baseline.median / candidate.median, 3)
+
+
+def summary(t: Timing, baseline: Timing | None, rows: int, n: int) -> dict[str, Any]:
+    """Times, throughput, speed-up over `baseline` and pooled decoding statistics."""
+    out: dict[str, Any] = t.as_dict()
+    out["images_per_s"] = round(rows / t.median, 4)
+    out["tokens_per_s"] = round(rows * n / t.median, 2)
+    if baseline is not None and baseline is not t:
+        out["speedup_vs_ar"] = ratio(baseline, t)
+    stats = [s for s in t.results if isinstance(s, SpeculativeStats)]
+    if stats:
+        drafted, calls = sum(s.drafted for s in stats), sum(s.target_calls for s in stats)
+        accepted = sum(s.accepted for s in stats)
+        if drafted:
+            out["acceptance_rate"] = round(accepted / drafted, 4)
+        out["tokens_per_target_call"] = round(sum(s.num_tokens for s in stats) / calls, 3)
+        out["target_calls"] = round(calls / len(stats), 1)
+        if any(s.draft_calls for s in stats):
+            out["draft_calls"] = round(sum(s.draft_calls for s in stats) / len(stats), 1)
+    return out
+
+
+def sanity(models: Models, hf: HF, args, device: torch.device) -> dict[str, Any]:
+    """fp32 checks that make the timings comparable: greedy equalities and the export's logits."""
+    greedy, guidance = SamplingConfig(temperature=0.0), GuidanceSchedule(args.cfg)
+    t, d = models.target, models.draft
+    n = t.config.seq_len
+    tc, tu, _ = conditions(t, 2)
+    dc, du, _ = conditions(d, 2)
+    ar = generate_ar(t, tc, tu, n, greedy, guidance)
+
+    def spec(relaxed: RelaxedAcceptance | None) -> Tensor:
+        return generate_speculative(
+            t, d, tc, dc, n, tu, du, args.draft_len, sampling=greedy, guidance=guidance,
+            relaxed=relaxed,
+        )[0]  # fmt: skip
+
+    decoded = {
+        "speculative": spec(None),
+        "relaxed": spec(models.relaxed),
+        "jacobi": generate_jacobi(t, tc, tu, n, args.jacobi_window, greedy, guidance)[0],
+    }
+    for name, codes in decoded.items():
+        if not torch.equal(codes, ar):
+            bad = int((codes != ar).sum())
+            raise AssertionError(f"greedy {name} != greedy AR at {bad} of {ar.numel()} tokens")
+    src, vocab = models.hf_target_src, models.hf_target_src.config.vocab_size
+    cond, _, ids = conditions(src, 2)
+    codes = torch.randint(vocab, (2, n), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        ours = src(codes, cond)
+        theirs = hf.target(llama_input_ids(codes, ids, vocab)).logits[:, :n, :vocab]
+        diff = float((ours - theirs).abs().max())
+        if diff > 1e-3:
+            raise AssertionError(f"exported Llama logits differ from ours by {diff:.2e}")
+        start = llama_input_ids(codes[:, :0], ids, vocab)
+        mask = torch.ones_like(start)
+        hf_greedy = hf.target.generate(
+            start, attention_mask=mask, do_sample=False, max_new_tokens=n
+        )
+    if not torch.equal(hf_greedy[:, 1:], generate_ar(src, cond, None, n, greedy)):
+        raise AssertionError("transformers greedy generate differs from our greedy AR")
+    return {
+        "greedy_speculative_relaxed_jacobi_equal_greedy_ar": True,
+        "greedy_check": f"batch 2, cfg {args.cfg}, fp32",
+        "export_logits_max_abs_diff": diff,
+        "transformers_greedy_equals_ours": True,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    a = p.add_argument
+    a("--prior", default="outputs/demo/prior/final", help="trained GPT prior (if present)")
+    a("--draft", default="outputs/demo/draft/final", help="trained draft GPT (if present)")
+    a("--tokenizer", default="outputs/demo/tokenizer/final", help="for LANTERN neighbours")
+    a("--random", action="store_true", help="ignore trained models, use random weights")
+    a("--target-dim", type=int, default=256)
+    a("--target-layers", type=int, default=8)
+    a("--target-heads", type=int, default=4)
+    a("--draft-dim", type=int, default=64)
+    a("--draft-layers", type=int, default=2)
+    a("--draft-heads", type=int, default=2)
+    a("--grid", type=int, default=16, help="random models: codes per side (N = grid^2)")
+    a("--vocab", type=int, default=1024, help="random models: codebook size")
+    a("--num-classes", type=int, default=10, help="random models: classes")
+    a("--batch", type=int, default=4, help="the batch > 1 setting (and AR vs transformers)")
+    a("--cfg", type=float, default=3.0, help="guidance scale of the CFG runs")
+    a("--draft-len", type=int, default=4, help="gamma, also transformers' num_assistant_tokens")
+    a("--relaxed-k", type=int, default=8, help="LANTERN neighbours per code")
+    a("--relaxed-delta", type=float, default=0.1, help="LANTERN budget")
+    a("--jacobi-window", type=int, default=8)
+    a("--maskgit-steps", type=int, default=8)
+    a("--temperature", type=float, default=1.0)
+    a("--top-k", type=int, default=0, help="0 = off (on both sides)")
+    a("--hf-cache", default="", choices=["", "static", "dynamic"], help="'' = its default")
+    a("--compile", action="store_true", help="also time torch.compile'd AR decode")
+    a("--compile-mode", default="default", help="e.g. reduce-overhead (CUDA graphs) on GPU")
+    a("--repeats", type=int, default=3, help="timed calls per candidate (median)")
+    a("--warmup", type=int, default=1, help="untimed calls per candidate first")
+    a("--quick", action="store_true", help="one timed repeat; random models get 8x8 codes")
+    a("--device", default="cpu", choices=["cpu", "cuda"])
+    a("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    a("--threads", type=int, default=1, help="CPU threads (0 = torch default); 1 is steadiest")
+    a("--seed", type=int, default=0)
+    a("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.grid, args.repeats = 8, 1
+    if args.batch < 2:
+        raise ValueError(f"--batch is the batch > 1 setting, got {args.batch}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    return args
+
+
+def transformers_sections(
+    big: dict[str, Timing], one: dict[str, Timing], models: Models, args, n: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """AR vs generate at batch B; speculative vs assisted generation at batch 1."""
+    ar_vs: dict[str, Any] = {
+        "weights": models.hf_weights,
+        "batch": args.batch,
+        "new_tokens": n,
+        "ours": summary(big["ar"], None, args.batch, n),
+        "transformers": summary(big["transformers"], None, args.batch, n),
+        "ours_speedup_vs_transformers": ratio(big["transformers"], big["ar"]),
+        "transformers_settings": (
+            f"generate(do_sample=True, temperature={args.temperature}, top_k={args.top_k}), "
+            f"cache {args.hf_cache or 'default (dynamic)'}, prefix ids suppressed"
+        ),
+        "note": CFG_NOTE,
+    }
+    if args.compile:
+        ar_vs["ours_compiled"] = summary(big["ar_compiled"], None, args.batch, n)
+        ar_vs["ours_compiled_speedup_vs_transformers"] = ratio(
+            big["transformers"], big["ar_compiled"]
+        )
+    assisted = {
+        "weights": models.hf_weights,
+        "batch": 1,
+        "draft_len": args.draft_len,
+        **{name: summary(one[name], None, 1, n) for name in ASSISTED},
+        "ours_speculative_speedup_vs_ours_ar": ratio(one["ar"], one["speculative"]),
+        "transformers_assisted_speedup_vs_transformers": ratio(
+            one["transformers"], one["transformers_assisted"]
+        ),
+        "ours_speculative_speedup_vs_transformers_assisted": ratio(
+            one["transformers_assisted"], one["speculative"]
+        ),
+        "note": (
+            "transformers: num_assistant_tokens = draft_len, constant schedule, no confidence "
+            "stop; its first target call is also the prefill, ours counts the prefill as a call"
+        ),
+    }
+    return ar_vs, assisted
+
+
+def ours_sections(
+    groups: dict[tuple[int, float], dict[str, Timing]], args, n: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Speculative / relaxed / Jacobi vs AR per (batch, cfg); MaskGIT vs AR at batch B."""
+    scales, big = (1.0, args.cfg), args.batch
+    speculative = {
+        f"batch_{b}": {
+            f"cfg_{s:g}": {m: summary(groups[b, s][m], groups[b, s]["ar"], b, n) for m in OURS}
+            for s in scales
+        }
+        for b in (1, big)
+    }
+    maskgit: dict[str, Any] = {"batch": big, "steps": args.maskgit_steps, "note": MASKGIT_NOTE}
+    for s in scales:
+        g = groups[big, s]
+        maskgit[f"cfg_{s:g}"] = {
+            "maskgit_images_per_s": round(big / g["maskgit"].median, 4),
+            "ar_images_per_s": round(big / g["ar"].median, 4),
+            "maskgit_speedup_vs_ar": ratio(g["ar"], g["maskgit"]),
+        }
+    return speculative, maskgit
+
+
+def describe(model: torch.nn.Module) -> dict[str, Any]:
+    cfg = model.config
+    return {
+        "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "rope": cfg.rope,
+        "params": model.num_params(),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    begin = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    models = build_models(args)
+    ours_models = [models.target, models.draft, models.maskgit]
+    ours_models += [models.hf_target_src, models.hf_draft_src]
+    for m in ours_models:
+        m.to(device)
+    models.relaxed.table = models.relaxed.table.to(device)
+    hf = export(models, args, device)
+    checks = sanity(models, hf, args, device)  # in fp32, before any cast
+    for m in [*ours_models, hf.target, hf.draft]:
+        m.to(dtype)
+    n, big = models.target.config.seq_len, args.batch
+
+    def run(target: GPT, draft: GPT, batch: int, scale: float, methods: list[str]):
+        fns = candidates(target, draft, batch, scale, methods, models, hf, args, device)
+        return interleaved(fns, args.repeats, args.warmup, device)
+
+    ar_hf = ["ar", "transformers"] + (["ar_compiled"] if args.compile else [])
+    groups: dict[tuple[int, float], dict[str, Timing]] = {}
+    for batch, scale in itertools.product([1, big], [1.0, args.cfg]):
+        methods = OURS + (["maskgit"] if batch == big else [])
+        if models.hf_is_main and scale == 1.0:  # transformers joins the same round-robin
+            extra = ar_hf if batch == big else ASSISTED
+            methods += [m for m in extra if m not in methods]
+        groups[batch, scale] = run(models.target, models.draft, batch, scale, methods)
+    if models.hf_is_main:
+        hf_big, hf_one = groups[big, 1.0], groups[1, 1.0]
+    else:  # ours runs on the exported (fresh 1D-RoPE) weights beside transformers
+        src = (models.hf_target_src, models.hf_draft_src)
+        hf_big, hf_one = run(*src, big, 1.0, ar_hf), run(*src, 1, 1.0, ASSISTED)
+    ar_vs, assisted = transformers_sections(hf_big, hf_one, models, args, n)
+    speculative, maskgit = ours_sections(groups, args, n)
+    cfg = models.target.config
+    report = {
+        "benchmark": "sampling",
+        "device": device_name(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "weights": models.weights,
+        "models": {
+            "target": describe(models.target),
+            "draft": describe(models.draft),
+            "maskgit": describe(models.maskgit),
+        },
+        "tokens": {"grid": cfg.grid, "num_tokens": n, "vocab": cfg.vocab_size},
+        "settings": {key: getattr(args, key) for key in SETTINGS},
+        "sanity": checks,
+        "ar_vs_transformers": ar_vs,
+        "speculative": speculative,
+        "vs_transformers_assisted": assisted,
+        "maskgit_vs_ar": maskgit,
+        "ratios": "speedup = baseline median time / candidate median time (> 1: candidate faster)",
+        "note": " ".join(models.notes + ([RANDOM_NOTE] if models.weights == "random" else [])),
+        "elapsed_s": round(time.perf_counter() - begin, 1),
+    }
+    emit(report, args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -122,13 +122,19 @@ def build_text_encoder(cfg: TextEncoderConfig) -> tuple[nn.Module, object, int]:
     if cfg.name_or_path:
         hf_cfg = AutoConfig.from_pretrained(cfg.name_or_path, local_files_only=True)
         if hf_cfg.model_type in ("t5", "mt5", "umt5"):
-            encoder = T5EncoderModel.from_pretrained(cfg.name_or_path, local_files_only=True)
+            encoder = T5EncoderModel.from_pretrained(
+                cfg.name_or_path, local_files_only=True, use_safetensors=True
+            )
         elif hf_cfg.model_type == "clip":
             from transformers import CLIPTextModel
 
-            encoder = CLIPTextModel.from_pretrained(cfg.name_or_path, local_files_only=True)
+            encoder = CLIPTextModel.from_pretrained(
+                cfg.name_or_path, local_files_only=True, use_safetensors=True
+            )
         else:
-            encoder = AutoModel.from_pretrained(cfg.name_or_path, local_files_only=True)
+            encoder = AutoModel.from_pretrained(
+                cfg.name_or_path, local_files_only=True, use_safetensors=True
+            )
             if getattr(encoder.config, "is_encoder_decoder", False):
                 encoder = encoder.get_encoder()
         tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, local_files_only=True)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from prior.configs import CONFIG_CLASSES, PriorConfig
@@ -25,8 +26,11 @@ def read_prior_config(path: str | Path) -> PriorConfig:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise ValueError(f"{file} not found: not a saved prior directory")
-    data = json.loads(file.read_text())
-    model_type = data.get("model_type")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from err
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type not in CONFIG_CLASSES:
         raise ValueError(
             f"{file}: model_type must be one of {sorted(CONFIG_CLASSES)}, got {model_type!r}"
@@ -38,7 +42,11 @@ def load_prior(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     """Load a GPT / MaskGIT / RQTransformer saved with `save_pretrained`, in eval mode."""
     cfg = read_prior_config(path)
     cls = prior_classes()[cfg.model_type]
-    with contextlib.redirect_stdout(io.StringIO()):  # the hub mixin prints "Loading weights ..."
-        return cls.from_pretrained(
-            str(path), config=cfg, map_location=str(map_location), strict=True
-        )
+    quiet = contextlib.redirect_stdout(io.StringIO())  # the mixin prints "Loading weights ..."
+    try:
+        with quiet:
+            return cls.from_pretrained(
+                str(path), config=cfg, map_location=str(map_location), strict=True
+            )
+    except SafetensorError as err:  # a damaged file: say which one
+        raise ValueError(f"{Path(path) / 'model.safetensors'}: unreadable ({err})") from err

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, DummyOptim, DummyScheduler, gather_object
+from omegaconf import OmegaConf
 from PIL import Image
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
@@ -33,7 +34,7 @@ from prior.data import PriorData, PriorDataConfig, check_info, check_labels, loa
 from prior.loading import load_prior, prior_classes
 from prior.maskgit import random_mask
 from tokenizer.model import Tokenizer
-from training.config import CliArgs, save_config
+from training.config import CliArgs, from_dict, save_config
 from training.ema import EMA
 from training.loop import StepOutput, TrainLoop, optimizer_step
 from training.runtime import OptimConfig, RuntimeConfig, build_accelerator, build_optimizer
@@ -293,9 +294,10 @@ def train(cfg: PriorTrainConfig, args: CliArgs, sampler: Sampler | None = None) 
     """Train a prior as configured; returns `output_dir/final`."""
     out = Path(args.output_dir)
     acc = build_accelerator(cfg.runtime, out)
-    if cfg.runtime.tracker != "none":
-        acc.init_trackers("prior")
     data = load_data(cfg.data, cfg.runtime, acc.device)
+    check_resumed_tokens(args, data.info)
+    with torch.random.fork_rng(devices=[]):  # checked before any step; its init draws no RNG
+        sample_tok = _sample_tokenizer(data, acc) if sampler and acc.is_main_process else None
     prior_cfg = resolve_prior_config(
         cfg.model, data.info, data.captions, cfg.gradient_checkpointing
     )
@@ -310,11 +312,6 @@ def train(cfg: PriorTrainConfig, args: CliArgs, sampler: Sampler | None = None) 
             )
         check_info(start.config.tokenizer, data.info, f"model.init_from {cfg.model.init_from}")
         prior.load_state_dict(start.state_dict())
-    if acc.is_main_process:
-        resolved = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, **{cfg.model.type: prior_cfg})
-        )
-        save_config(resolved, out / "config.yaml")
     acc.print(f"prior: {prior_cfg.model_type}, {sum(p.numel() for p in prior.parameters()):,} params, "
               f"tokens {data.info.grid} x depth {data.info.depth}, vocab {data.info.codebook_size}")  # fmt: skip
     ds_config = configure_deepspeed(acc, cfg, prior_cfg.dim)
@@ -334,6 +331,13 @@ def train(cfg: PriorTrainConfig, args: CliArgs, sampler: Sampler | None = None) 
         acc.register_for_checkpointing(ema)
     loop = TrainLoop(acc, cfg.runtime, out)
     loop.resume(args.resume)
+    if acc.is_main_process:  # after every check and the resume: a failed start rewrites nothing
+        resolved = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, **{cfg.model.type: prior_cfg})
+        )
+        save_config(resolved, out / "config.yaml")
+    if cfg.runtime.tracker != "none":
+        acc.init_trackers("prior")
 
     def train_step(batch: dict[str, Any]) -> StepOutput:
         batch = data.to_tokens(batch)
@@ -368,8 +372,6 @@ def train(cfg: PriorTrainConfig, args: CliArgs, sampler: Sampler | None = None) 
             step, {"val_loss": float(sums[0]) / total, "val_accuracy": float(sums[1]) / total}
         )
 
-    tokenizer: list[Tokenizer | None] = []
-
     def sampling_model() -> nn.Module | None:
         """A plain full copy of the current (EMA) weights on the main process; None elsewhere."""
         if ema is not None:
@@ -388,15 +390,13 @@ def train(cfg: PriorTrainConfig, args: CliArgs, sampler: Sampler | None = None) 
     def make_samples(step: int) -> None:
         model = sampling_model()
         if acc.is_main_process and model is not None and sampler is not None:
-            if not tokenizer:
-                tokenizer.append(_sample_tokenizer(data, acc))
-            if tokenizer[0] is not None:
+            if sample_tok is not None:
                 codes = _sample_codes(
                     model, prior_cfg, cfg.sample, data.captions, sampler, acc.device
                 )
                 h, w = prior_cfg.grid
                 codes = codes.reshape(codes.shape[0], h, w, *codes.shape[2:])  # [B, h, w(, D)]
-                images = tokenizer[0].decode(codes)
+                images = sample_tok.decode(codes)
                 save_grid(images, out / "samples" / f"step_{step:06d}.png", cfg.sample.per_row)
         acc.wait_for_everyone()
 
@@ -419,6 +419,22 @@ def rng_neutral(hook: Callable[[int], None], device: torch.device) -> Callable[[
             hook(step)
 
     return wrapped
+
+
+def check_resumed_tokens(args: CliArgs, info: TokenizerInfo) -> None:
+    """A resumed run keeps its tokenizer: the identity in the run's config.yaml must match the
+    tokens' (checked before anything in the run folder is rewritten)."""
+    if args.resume is None:
+        return
+    run = Path(args.output_dir) if args.resume == "latest" else Path(args.resume).parent.parent
+    recorded = run / "config.yaml"
+    if not recorded.is_file():
+        return
+    saved = OmegaConf.load(recorded)
+    tok = OmegaConf.select(saved, f"model.{OmegaConf.select(saved, 'model.type')}.tokenizer")
+    if tok is not None:
+        expected = from_dict(TokenizerInfo, OmegaConf.to_container(tok), str(recorded))
+        check_info(expected, info, f"--resume {args.resume}: the run ({recorded}) vs the tokens")
 
 
 def _sample_tokenizer(data: PriorData, acc: Accelerator) -> Tokenizer | None:

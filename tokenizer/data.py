@@ -266,7 +266,10 @@ def _load_source(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, bool]:
         return _pick_split(splits, split, str(path)), False
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            loaded = datasets.load_from_disk(str(path))
+            try:
+                loaded = datasets.load_from_disk(str(path))
+            except IndexError as err:  # datasets cannot reload a dataset saved without rows
+                raise ValueError(f"no usable images in {path}: the saved dataset is empty") from err
             splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
             return _pick_split(splits, split, str(path)), False
         if any(path.rglob("*.parquet")):
@@ -362,12 +365,21 @@ def load_image_dataset(cfg: DataConfig, split: str = "train") -> datasets.Datase
 
 
 # ---- loading ------------------------------------------------------------------------------------
+def _array_dtype(feature: Any) -> str | None:
+    """Element dtype of an array-valued image column (Array2D/3D or nested lists), else None."""
+    nested = isinstance(feature, datasets.Array2D | datasets.Array3D)
+    while isinstance(feature, datasets.List | datasets.LargeList):
+        feature, nested = feature.feature, True
+    return getattr(feature, "dtype", None) if nested else None
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """A standardised `datasets.Dataset` + transform, with its own seeded generator for crops/flips."""
 
     def __init__(self, data: datasets.Dataset, transform: ImageTransform, seed: int = 0) -> None:
         self.data, self.transform = data, transform
         self.generator = torch.Generator().manual_seed(seed)
+        self.array_dtype = _array_dtype(data.features.get("image"))
 
     def __len__(self) -> int:
         return len(self.data)
@@ -376,7 +388,10 @@ class ImageDataset(torch.utils.data.Dataset):
         row = self.data[int(i)]
         index = int(row["index"]) if row.get("index") is not None else int(i)
         try:
-            image = self.transform(row["image"], self.generator)
+            image = row["image"]  # array columns (Array2D/3D, lists) come back as nested lists
+            if isinstance(image, list) and self.array_dtype is not None:
+                image = np.asarray(image, dtype=self.array_dtype)
+            image = self.transform(image, self.generator)
         except ValueError as err:
             raise ValueError(f"sample {index}: {err}") from err
         label = row.get("label")

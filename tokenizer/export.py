@@ -163,7 +163,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     file = path / MANIFEST
     if not file.is_file():
         raise ValueError(f"{path} is not a token export: no {MANIFEST} in it")
-    manifest = json.loads(file.read_text())
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from err
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{file}: format {manifest.get('format')!r} is not {FORMAT!r}")
     return manifest

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from safetensors import SafetensorError
 from safetensors.torch import load_model
 from torch import nn
 
@@ -266,7 +267,9 @@ class Tokenizer(nn.Module, PyTorchModelHubMixin):
         with open(config_path, encoding="utf-8") as f:
             cfg = from_dict(TokenizerConfig, json.load(f), config_path)
         model = cls(cfg)
-        load_model(
-            model, fetch(constants.SAFETENSORS_SINGLE_FILE), strict=strict, device=map_location
-        )
+        weights = fetch(constants.SAFETENSORS_SINGLE_FILE)
+        try:
+            load_model(model, weights, strict=strict, device=map_location)
+        except SafetensorError as err:  # a damaged file: say which one
+            raise ValueError(f"{weights}: unreadable safetensors ({err})") from err
         return model.eval()

@@ -12,6 +12,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from training.serialization import atomic_write_text
@@ -104,5 +105,21 @@ class CheckpointManager:
 
     def load(self, path: Path) -> TrainState:
         """Restore model, optimizer, scheduler, registered objects and RNG states."""
+        check_custom_states(path)
         self.accelerator.load_state(str(path))
         return TrainState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def check_custom_states(path: Path) -> None:
+    """accelerate unpickles registered objects' states (custom_checkpoint_*.pkl, e.g. the EMA)
+    with weights_only=False: refuse any file a weights_only=True load rejects, before that."""
+    for file in sorted(Path(path).glob("custom_checkpoint_*.pkl")):
+        try:
+            torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means: not plain tensors and numbers
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            detail = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+            raise ValueError(
+                f"{file}: refusing to unpickle a checkpoint file that torch.load(weights_only=True) "
+                f"rejects ({type(err).__name__}: {detail})"
+            ) from err

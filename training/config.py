@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -45,7 +46,13 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        try:
+            loaded = OmegaConf.load(path)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got a YAML list")
+        cfg = _merge(cfg, loaded, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
@@ -54,6 +61,8 @@ def load_config(
         return OmegaConf.to_object(cfg)  # runs each dataclass' __post_init__ validation
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path or schema.__name__}: {_describe(err)}") from err
+    except ValueError as err:  # a __post_init__ check (names the field): add the file
+        raise ConfigError(f"{path or schema.__name__}: {err}") from err
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -64,7 +73,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def from_dict(schema: type[T], data: dict[str, Any], source: str = "dict") -> T:
     """Strictly rebuild a config dataclass from a dict (e.g. read from config.json)."""
     cfg = _merge(OmegaConf.structured(schema), OmegaConf.create(data), source)
-    return OmegaConf.to_object(cfg)
+    try:
+        return OmegaConf.to_object(cfg)
+    except ValueError as err:  # a __post_init__ check (names the field): add the source
+        raise ConfigError(f"{source}: {err}") from err
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -92,7 +104,7 @@ def parse_cli(
     parser.add_argument("--output-dir", type=Path, required=True, help="run directory")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    ns = parser.parse_args(argv)
+    ns = parser.parse_intermixed_args(argv)  # overrides may come before or after --resume
     cfg = load_config(schema, ns.config, ns.overrides)
     return cfg, CliArgs(ns.config, ns.output_dir, ns.resume, list(ns.overrides))
 

@@ -31,7 +31,7 @@ class TokenizerConfig:
     """One tokenizer: image size, conv widths, latent width and the quantizer.
 
     Downsampling factor f = 2^(len(ch_mult) - 1): [1, 2, 2] -> 4, [1, 1, 2, 4] -> 8,
-    [1, 1, 2, 2, 4] -> 16. The code grid is resolution / f on each side.
+    [1, 1, 2, 2, 4] -> 16, [1, 1, 2, 2, 4, 4] -> 32. The code grid is resolution / f on each side.
     """
 
     resolution: int = 256
@@ -50,9 +50,9 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         if isinstance(self.quantizer, dict):  # e.g. a shallow load of config.json
             self.quantizer = from_dict(QuantizerConfig, self.quantizer, "quantizer")
-        if len(self.ch_mult) not in (3, 4, 5):
+        if len(self.ch_mult) not in (3, 4, 5, 6):
             raise ValueError(
-                f"ch_mult must have 3, 4 or 5 levels (downsampling 4, 8 or 16), got {self.ch_mult}"
+                f"ch_mult must have 3 to 6 levels (downsampling 4, 8, 16 or 32), got {self.ch_mult}"
             )
         if self.resolution % self.factor:
             raise ValueError(

@@ -1,0 +1,174 @@
+"""The whole pipeline on embedded data: tokenizer -> tokens -> prior (+ draft) -> samples -> metrics.
+
+python scripts/demo.py --config configs/demo/digits.yaml --output-dir outputs/demo [key=value ...]
+
+Each stage runs the same command a user would (scripts/train_tokenizer.py, export_tokens.py,
+train_prior.py) in a subprocess, so the demo doubles as an end-to-end check of the CLIs. A stage
+whose result already exists is reused (delete the folder to redo it). On a machine with a GPU,
+accelerate puts the training on it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sampling import Pipeline
+from sampling.evaluation import (
+    evaluate_generation,
+    evaluate_tokenizer,
+    load_or_train_judge,
+    plot_guidance,
+    real_data,
+)
+from sampling.judge import dataset_images
+from sampling.pipeline import image_grid, to_pil
+from training.config import parse_cli
+from training.serialization import atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class StageConfig:
+    """A training stage: its YAML config and extra `key.sub=value` overrides."""
+
+    config: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DemoConfig:
+    data: str = "digits"  # embedded dataset
+    resolution: int = 32
+    prompt_mode: str = "class"  # class | text
+    tokenizer: StageConfig = field(
+        default_factory=lambda: StageConfig("configs/tokenizer/digits.yaml")
+    )
+    prior: StageConfig = field(default_factory=lambda: StageConfig("configs/prior/digits_gpt.yaml"))
+    draft: StageConfig = field(
+        default_factory=lambda: StageConfig("configs/prior/digits_gpt_draft.yaml")
+    )
+    export_views: int = 8  # augmented views per training image (view 0 = clean)
+    export_overrides: list[str] = field(default_factory=list)
+    grid_per_prompt: int = 8
+    grid_prompts: list[str] = field(default_factory=list)  # empty: every class name
+    grid_guidance: float = 3.0
+    guidance_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
+    eval_per_class: int = 50
+    draft_len: int = 4
+    seed: int = 0
+
+
+def run(cmd: list[str]) -> None:
+    """Run a stage's CLI; its output streams to the console, a failure stops the demo."""
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
+
+
+def stage(name: str, done: Path, cmd: list[str], timings: dict[str, float]) -> None:
+    if done.exists():
+        print(f"[{name}] reusing {done}")
+        return
+    start = time.perf_counter()
+    run(cmd)
+    timings[name] = round(time.perf_counter() - start, 1)
+    print(f"[{name}] done in {timings[name]} s")
+
+
+def train_models(cfg: DemoConfig, out: Path, timings: dict[str, float]) -> None:
+    tok_dir, tokens = out / "tokenizer", out / "tokens"
+    stage("tokenizer", tok_dir / "final", ["scripts/train_tokenizer.py", "--config", cfg.tokenizer.config,
+          "--output-dir", str(tok_dir), "--resume", "latest", *cfg.tokenizer.overrides], timings)  # fmt: skip
+    for split, views in (("train", cfg.export_views), ("test", 1)):
+        stage(f"export_{split}", tokens / split, ["scripts/export_tokens.py", "--tokenizer", str(tok_dir / "final"),
+              "--data", cfg.data, "--split", split, "--out", str(tokens / split), "--views", str(views),
+              *cfg.export_overrides], timings)  # fmt: skip
+    for name, sub in (("prior", cfg.prior), ("draft", cfg.draft)):
+        stage(name, out / name / "final", ["scripts/train_prior.py", "--config", sub.config,
+              "--output-dir", str(out / name), "--resume", "latest", f"data.tokens={tokens / 'train'}",
+              f"data.val_tokens={tokens / 'test'}", f"data.tokenizer={tok_dir / 'final'}", *sub.overrides], timings)  # fmt: skip
+
+
+def sample_grids(cfg: DemoConfig, pipe: Pipeline, out: Path) -> dict[str, dict]:
+    """samples.png (plain AR) and samples_speculative.png (same prompts, draft-accelerated)."""
+    prompts = cfg.grid_prompts or pipe.class_names
+    report = {}
+    for method, name in (("ar", "samples.png"), ("speculative", "samples_speculative.png")):
+        start = time.perf_counter()
+        result = pipe(prompts, guidance_scale=cfg.grid_guidance, method=method, draft_len=cfg.draft_len,
+                      num_images_per_prompt=cfg.grid_per_prompt, generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+        seconds = time.perf_counter() - start
+        image_grid(result.images, cols=cfg.grid_per_prompt).save(out / name)
+        report[method] = {
+            "seconds": round(seconds, 2),
+            "images": len(result.images),
+            "grid": str(out / name),
+        }
+        if result.stats is not None:
+            stats = result.stats.as_dict()
+            report[method] |= {
+                k: stats[k] for k in ("acceptance_rate", "tokens_per_target_call", "target_calls")
+            }
+    report["speculative"]["speedup_vs_ar"] = round(
+        report["ar"]["seconds"] / report["speculative"]["seconds"], 2
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse_cli(DemoConfig, argv, description=__doc__)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    train_models(cfg, out, timings)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = Pipeline.from_pretrained(
+        out / "tokenizer" / "final", out / "prior" / "final", out / "draft" / "final", device=device
+    )
+    data = real_data(cfg.data, cfg.resolution)
+    metrics: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    metrics["tokenizer"] = evaluate_tokenizer(
+        pipe.tokenizer, dataset_images(data.heldout).to(device)
+    )
+    metrics["sampling"] = sample_grids(cfg, pipe, out)
+    judge, judge_report = load_or_train_judge(out / "judge", data)
+    metrics["judge"] = {k: judge_report[k] for k in judge_report if k != "train_config"}
+
+    def save_eval_grid(scale: float, images: torch.Tensor) -> None:
+        image_grid(to_pil(images), cols=cfg.eval_per_class).save(
+            out / f"eval_guidance_{scale:g}.png"
+        )
+
+    metrics["generation"] = evaluate_generation(
+        pipe,
+        judge,
+        data,
+        cfg.guidance_scales,
+        cfg.eval_per_class,
+        cfg.prompt_mode,
+        cfg.seed,
+        on_samples=save_eval_grid,
+    )
+    plot_guidance(metrics["generation"], out / "guidance.png")
+    metrics["timings_s"] = timings | {"total": round(time.perf_counter() - start, 1)}
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    summary = {f"guidance {r['guidance_scale']:g}": {"accuracy": round(r["accuracy"]["overall"], 4), "frechet": round(r["frechet"], 3)}
+               for r in metrics["generation"]["runs"]}  # fmt: skip
+    print(
+        json.dumps({"tokenizer_psnr": round(metrics["tokenizer"]["psnr"], 2), **summary}, indent=2)
+    )
+    print(f"\noutputs in {out}/: samples.png, samples_speculative.png, guidance.png, metrics.json,"
+          f" tokenizer/final, prior/final, draft/final")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests -x --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -x --durations=20
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

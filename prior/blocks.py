@@ -12,9 +12,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from prior.attention import attention
-from prior.conditioning import Condition
-from prior.kv_cache import KVCache, prefix_key_mask
-from prior.rope import apply_rope
+from prior.conditioning import Condition, Conditioner
+from prior.configs import PriorConfig
+from prior.kv_cache import KVCache, cache_dtype, prefix_key_mask
+from prior.rope import apply_rope, rope_table
 
 
 class RMSNorm(nn.Module):
@@ -255,12 +256,46 @@ def transformer_flops(
     return float(mult * (2 * matmul_params + 4 * n_layers * dim * context))
 
 
+def build_trunk(cfg: PriorConfig, n_layers: int, cos: Tensor, sin: Tensor) -> Transformer:
+    """A `Transformer` with the prior config's width, heads, norm, dropout and checkpointing."""
+    return Transformer(
+        cfg.dim,
+        n_layers,
+        cfg.n_heads,
+        cfg.ffn_dim,
+        cfg.norm_eps,
+        cfg.dropout,
+        cos,
+        sin,
+        cfg.gradient_checkpointing,
+    )
+
+
 class PriorMixin:
     """What every prior shares: conditioning entry points, parameter counts, checkpointing switch.
 
     Expects `self.config` (a PriorConfig), `self.conditioner` (a Conditioner) and trunks that are
-    `Transformer` modules.
+    `Transformer` modules; `_init_prior` builds the conditioner and the shared layers.
     """
+
+    def _init_prior(self, cfg: PriorConfig, num_embeddings: int) -> None:
+        """Conditioner, token table [num_embeddings, dim], dropout and the main trunk (RoPE over
+        prefix + grid), in this order (it fixes the RNG draws of the initial weights)."""
+        self.config = cfg
+        self.conditioner = Conditioner(cfg)
+        self.tok_embeddings = nn.Embedding(num_embeddings, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        cos, sin = rope_table(cfg.rope, cfg.head_dim, cfg.prefix_len, cfg.grid, cfg.rope_base)
+        self.transformer = build_trunk(cfg, cfg.n_layers, cos, sin)
+        self._masked_prefix = cfg.cond == "text"  # class / start prefixes have no padding
+
+    def _prefixed(self, cond: Condition, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """tokens [B, T, dim] -> (dropout([prefix, tokens]) [B, P+T, dim], key mask or None)."""
+        x = self.dropout(torch.cat([cond.prefix.to(tokens.dtype), tokens], dim=1))
+        mask = None
+        if self._masked_prefix:
+            mask = prefix_key_mask(cond.mask, torch.arange(x.shape[1], device=x.device), x.shape[1])
+        return x, mask
 
     def condition(
         self,
@@ -301,3 +336,25 @@ class PriorMixin:
             raise ValueError(
                 f"condition length {cond.length} != prefix_len {self.config.prefix_len}"
             )
+
+
+class CachedPriorMixin(PriorMixin):
+    """KV-cached sampling over the main trunk, shared by the causal priors (GPT, RQTransformer)."""
+
+    def setup_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate static KV caches for `max_len` image positions (the prefix is added here)."""
+        if not 1 <= max_len <= self.config.seq_len:
+            raise ValueError(f"max_len {max_len} must be in [1, {self.config.seq_len}]")
+        param = self.tok_embeddings.weight
+        self.transformer.setup_caches(
+            batch_size, self.config.prefix_len + max_len, dtype or cache_dtype(param), param.device
+        )
+
+    def _prefill_hidden(self, cond: Condition) -> Tensor:
+        """Write the condition into the cache (resetting it); trunk output [B, P, dim]."""
+        if cond.length != self.config.prefix_len:
+            raise ValueError(
+                f"condition length {cond.length} != prefix_len {self.config.prefix_len}"
+            )
+        key_valid = cond.mask if self._masked_prefix else None
+        return self.transformer.prefill(cond.prefix.to(self.tok_embeddings.weight.dtype), key_valid)

@@ -5,53 +5,33 @@ P - 1 + i predicts code i. Cached sampling: `setup_caches`, `prefill(cond)` (log
 then `decode(tokens, positions)`; rows may sit at different positions and roll back freely.
 """
 
-import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from prior.blocks import (
-    PriorMixin,
-    Transformer,
+    CachedPriorMixin,
     init_linear_and_embedding,
     transformer_flops,
     trunk_matmul_params,
 )
-from prior.conditioning import Condition, Conditioner
+from prior.conditioning import Condition
 from prior.configs import GPTConfig
-from prior.kv_cache import cache_dtype, prefix_key_mask
-from prior.rope import rope_table
 
 
-class GPT(nn.Module, PyTorchModelHubMixin, PriorMixin):
+class GPT(nn.Module, PyTorchModelHubMixin, CachedPriorMixin):
     """Decoder-only Llama over codes [B, N] with a class / text / start-token prefix."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         if isinstance(config, dict):
             config = GPTConfig(**config)
-        self.config = config
         cfg = config
-        self.conditioner = Conditioner(cfg)
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.dropout = nn.Dropout(cfg.dropout)
-        cos, sin = rope_table(cfg.rope, cfg.head_dim, cfg.prefix_len, cfg.grid, cfg.rope_base)
-        self.transformer = Transformer(
-            cfg.dim,
-            cfg.n_layers,
-            cfg.n_heads,
-            cfg.ffn_dim,
-            cfg.norm_eps,
-            cfg.dropout,
-            cos,
-            sin,
-            cfg.gradient_checkpointing,
-        )
+        self._init_prior(cfg, cfg.vocab_size)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         for module in (self.tok_embeddings, self.transformer, self.output):
             init_linear_and_embedding(module, cfg.init_std, cfg.n_layers)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self._masked_prefix = cfg.cond == "text"  # class / start prefixes have no padding
 
     def forward(self, codes: Tensor, cond: Condition) -> Tensor:
         """Teacher forcing: codes Long [B, N] (N <= h*w) -> fp32 logits [B, N, V]; logits[:, i] predicts codes[:, i]."""
@@ -61,35 +41,15 @@ class GPT(nn.Module, PyTorchModelHubMixin, PriorMixin):
         self._check_condition(cond, b)
         p = self.config.prefix_len
         tokens = self.tok_embeddings(codes[:, :-1])  # [B, N-1, dim]
-        x = self.dropout(
-            torch.cat([cond.prefix.to(tokens.dtype), tokens], dim=1)
-        )  # [B, P+N-1, dim]
-        mask = None
-        if self._masked_prefix:
-            mask = prefix_key_mask(cond.mask, torch.arange(x.shape[1], device=x.device), x.shape[1])
+        x, mask = self._prefixed(cond, tokens)  # [B, P+N-1, dim]
         h = self.transformer(x, causal=True, mask=mask)
         return self.output(h[:, p - 1 :]).float()
 
     # ---- cached sampling -------------------------------------------------------------------
 
-    def setup_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate static KV caches for `max_len` image tokens (the prefix is added here)."""
-        if not 1 <= max_len <= self.config.seq_len:
-            raise ValueError(f"max_len {max_len} must be in [1, {self.config.seq_len}]")
-        param = self.tok_embeddings.weight
-        self.transformer.setup_caches(
-            batch_size, self.config.prefix_len + max_len, dtype or cache_dtype(param), param.device
-        )
-
     def prefill(self, cond: Condition) -> Tensor:
         """Write the condition into the cache (resetting it); fp32 logits [B, V] of image token 0."""
-        if cond.length != self.config.prefix_len:
-            raise ValueError(
-                f"condition length {cond.length} != prefix_len {self.config.prefix_len}"
-            )
-        key_valid = cond.mask if self._masked_prefix else None
-        h = self.transformer.prefill(cond.prefix.to(self.tok_embeddings.weight.dtype), key_valid)
-        return self.output(h[:, -1]).float()
+        return self.output(self._prefill_hidden(cond)[:, -1]).float()
 
     def decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """tokens Long [B, T] at image positions positions[b] + t -> fp32 logits [B, T, V].

@@ -13,15 +13,12 @@ from torch import Tensor, nn
 
 from prior.blocks import (
     PriorMixin,
-    Transformer,
     init_linear_and_embedding,
     transformer_flops,
     trunk_matmul_params,
 )
-from prior.conditioning import Condition, Conditioner
+from prior.conditioning import Condition
 from prior.configs import MaskGITConfig
-from prior.kv_cache import prefix_key_mask
-from prior.rope import rope_table
 
 
 def cosine_schedule(r: Tensor | float) -> Tensor | float:
@@ -73,28 +70,12 @@ class MaskGIT(nn.Module, PyTorchModelHubMixin, PriorMixin):
         super().__init__()
         if isinstance(config, dict):
             config = MaskGITConfig(**config)
-        self.config = config
         cfg = config
-        self.conditioner = Conditioner(cfg)
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size + 1, cfg.dim)  # + [MASK]
-        self.dropout = nn.Dropout(cfg.dropout)
-        cos, sin = rope_table(cfg.rope, cfg.head_dim, cfg.prefix_len, cfg.grid, cfg.rope_base)
-        self.transformer = Transformer(
-            cfg.dim,
-            cfg.n_layers,
-            cfg.n_heads,
-            cfg.ffn_dim,
-            cfg.norm_eps,
-            cfg.dropout,
-            cos,
-            sin,
-            cfg.gradient_checkpointing,
-        )
+        self._init_prior(cfg, cfg.vocab_size + 1)  # + [MASK]
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         for module in (self.tok_embeddings, self.transformer, self.output):
             if module is not None:
                 init_linear_and_embedding(module, cfg.init_std, cfg.n_layers)
-        self._masked_prefix = cfg.cond == "text"
 
     @property
     def mask_token_id(self) -> int:
@@ -107,10 +88,7 @@ class MaskGIT(nn.Module, PyTorchModelHubMixin, PriorMixin):
             raise ValueError(f"codes length {n} != h*w = {self.config.seq_len}")
         self._check_condition(cond, b)
         tokens = self.tok_embeddings(codes)  # [B, N, dim]
-        x = self.dropout(torch.cat([cond.prefix.to(tokens.dtype), tokens], dim=1))  # [B, P+N, dim]
-        mask = None
-        if self._masked_prefix:
-            mask = prefix_key_mask(cond.mask, torch.arange(x.shape[1], device=x.device), x.shape[1])
+        x, mask = self._prefixed(cond, tokens)  # [B, P+N, dim]
         h = self.transformer(x, causal=False, mask=mask)[:, self.config.prefix_len :]  # [B, N, dim]
         if self.output is None:
             return (h @ self.tok_embeddings.weight[: self.config.vocab_size].T).float()

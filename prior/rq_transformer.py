@@ -12,19 +12,18 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from prior.blocks import (
-    PriorMixin,
-    Transformer,
+    CachedPriorMixin,
+    build_trunk,
     init_linear_and_embedding,
     transformer_flops,
     trunk_matmul_params,
 )
-from prior.conditioning import Condition, Conditioner
+from prior.conditioning import Condition
 from prior.configs import RQTransformerConfig
-from prior.kv_cache import cache_dtype, prefix_key_mask
 from prior.rope import rope_table
 
 
-class RQTransformer(nn.Module, PyTorchModelHubMixin, PriorMixin):
+class RQTransformer(nn.Module, PyTorchModelHubMixin, CachedPriorMixin):
     """Spatial (positions) + depth (codes of one position) Llama trunks."""
 
     def __init__(self, config: RQTransformerConfig) -> None:
@@ -35,46 +34,18 @@ class RQTransformer(nn.Module, PyTorchModelHubMixin, PriorMixin):
             raise ValueError(
                 "tie_embeddings is not supported by RQTransformer (per-depth input tables)"
             )
-        self.config = config
         cfg = config
-        self.conditioner = Conditioner(cfg)
-        self.tok_embeddings = nn.Embedding(
-            cfg.depth * cfg.vocab_size, cfg.dim
-        )  # depth d: rows d*V ..
+        self._init_prior(cfg, cfg.depth * cfg.vocab_size)  # depth d: rows d*V ..
         self.register_buffer(
             "depth_offsets", torch.arange(cfg.depth) * cfg.vocab_size, persistent=False
         )
-        self.dropout = nn.Dropout(cfg.dropout)
-        cos, sin = rope_table(cfg.rope, cfg.head_dim, cfg.prefix_len, cfg.grid, cfg.rope_base)
-        self.transformer = Transformer(
-            cfg.dim,
-            cfg.n_layers,
-            cfg.n_heads,
-            cfg.ffn_dim,
-            cfg.norm_eps,
-            cfg.dropout,
-            cos,
-            sin,
-            cfg.gradient_checkpointing,
-        )
         dcos, dsin = rope_table("1d", cfg.head_dim, 0, [1, cfg.depth], cfg.rope_base)
-        self.depth_transformer = Transformer(
-            cfg.dim,
-            cfg.depth_layers,
-            cfg.n_heads,
-            cfg.ffn_dim,
-            cfg.norm_eps,
-            cfg.dropout,
-            dcos,
-            dsin,
-            cfg.gradient_checkpointing,
-        )
+        self.depth_transformer = build_trunk(cfg, cfg.depth_layers, dcos, dsin)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         init_linear_and_embedding(self.tok_embeddings, cfg.init_std, cfg.n_layers)
         init_linear_and_embedding(self.transformer, cfg.init_std, cfg.n_layers)
         init_linear_and_embedding(self.depth_transformer, cfg.init_std, cfg.depth_layers)
         init_linear_and_embedding(self.output, cfg.init_std, cfg.n_layers)
-        self._masked_prefix = cfg.cond == "text"
 
     def _embed(self, codes: Tensor) -> Tensor:
         """codes [..., d] (depths 0..d-1) -> per-depth embeddings [..., d, dim]."""
@@ -96,12 +67,7 @@ class RQTransformer(nn.Module, PyTorchModelHubMixin, PriorMixin):
         p = self.config.prefix_len
         emb = self._embed(codes)  # [B, N, D, dim]
         summed = emb[:, :-1].sum(dim=2)  # [B, N-1, dim]
-        x = self.dropout(
-            torch.cat([cond.prefix.to(summed.dtype), summed], dim=1)
-        )  # [B, P+N-1, dim]
-        mask = None
-        if self._masked_prefix:
-            mask = prefix_key_mask(cond.mask, torch.arange(x.shape[1], device=x.device), x.shape[1])
+        x, mask = self._prefixed(cond, summed)  # [B, P+N-1, dim]
         h = self.transformer(x, causal=True, mask=mask)[
             :, p - 1 :
         ]  # [B, N, dim]: context of position i
@@ -112,24 +78,9 @@ class RQTransformer(nn.Module, PyTorchModelHubMixin, PriorMixin):
 
     # ---- cached sampling -------------------------------------------------------------------
 
-    def setup_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate the spatial KV caches for `max_len` positions (the prefix is added here)."""
-        if not 1 <= max_len <= self.config.seq_len:
-            raise ValueError(f"max_len {max_len} must be in [1, {self.config.seq_len}]")
-        param = self.tok_embeddings.weight
-        self.transformer.setup_caches(
-            batch_size, self.config.prefix_len + max_len, dtype or cache_dtype(param), param.device
-        )
-
     def prefill(self, cond: Condition) -> Tensor:
         """Write the condition into the cache; returns the context h [B, dim] of position 0."""
-        if cond.length != self.config.prefix_len:
-            raise ValueError(
-                f"condition length {cond.length} != prefix_len {self.config.prefix_len}"
-            )
-        key_valid = cond.mask if self._masked_prefix else None
-        h = self.transformer.prefill(cond.prefix.to(self.tok_embeddings.weight.dtype), key_valid)
-        return h[:, -1]
+        return self._prefill_hidden(cond)[:, -1]
 
     def decode(self, codes: Tensor, positions: Tensor) -> Tensor:
         """codes Long [B, T, D] at positions[b] + t -> h [B, T, dim], the context of position + t + 1."""

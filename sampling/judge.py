@@ -11,24 +11,20 @@ resolution, so one judge serves tokenizers of any resolution.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin, constants
-from safetensors.torch import load_model
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from training.config import from_dict
-from training.serialization import atomic_dir
+from training.serialization import SafetensorsConfigMixin
 
 
 @dataclass
@@ -165,8 +161,11 @@ def augment(x: torch.Tensor, cfg: JudgeTrainConfig, gen: torch.Generator) -> tor
     return x.clamp(-1, 1)
 
 
-class Judge(nn.Module, PyTorchModelHubMixin):
+class Judge(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
     """images [B, 3, H, W] in [-1, 1] -> class probabilities [B, K] and features [B, F]."""
+
+    _config_schema = JudgeConfig
+    _hub_downloads = False  # a judge is a local cache, never a Hub model
 
     def __init__(self, config: JudgeConfig) -> None:
         super().__init__()
@@ -302,43 +301,3 @@ class Judge(nn.Module, PyTorchModelHubMixin):
             num_train=len(x),
             num_heldout=n_held,
         )
-
-    # ---- persistence ----------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, overwrite: bool = True) -> None:  # type: ignore[override]
-        """config.json + model.safetensors, written atomically."""
-        with atomic_dir(save_directory, overwrite=overwrite) as tmp:
-            (tmp / constants.CONFIG_NAME).write_text(
-                json.dumps(dataclasses.asdict(self.config), indent=2)
-            )
-            self._save_pretrained(tmp)
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        map_location: str = "cpu",
-        strict: bool = True,
-        config: Any = None,
-    ) -> Judge:
-        """Local directories only (a judge is a cache, never a Hub model); strict config and keys."""
-        for name in (constants.CONFIG_NAME, constants.SAFETENSORS_SINGLE_FILE):
-            if not os.path.isfile(os.path.join(model_id, name)):
-                raise FileNotFoundError(
-                    f"{os.path.join(model_id, name)} not found: not a saved Judge directory"
-                )
-        path = os.path.join(model_id, constants.CONFIG_NAME)
-        with open(path, encoding="utf-8") as f:
-            model = cls(from_dict(JudgeConfig, json.load(f), path))
-        load_model(
-            model,
-            os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE),
-            strict=strict,
-            device=map_location,
-        )
-        return model.eval()

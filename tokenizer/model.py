@@ -9,21 +9,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
-from safetensors import SafetensorError
-from safetensors.torch import load_model
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from tokenizer.autoencoder import Decoder, DecoderConfig, Encoder, EncoderConfig
 from tokenizer.quantizers import QuantizerConfig, QuantizerOutput, build_quantizer
 from training.config import from_dict
-from training.serialization import atomic_dir
+from training.serialization import SafetensorsConfigMixin
 
 
 @dataclass
@@ -106,8 +102,11 @@ class TokenizerOutput:
     metrics: dict[str, torch.Tensor]
 
 
-class Tokenizer(nn.Module, PyTorchModelHubMixin):
+class Tokenizer(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
     """images [B, C, H, W] in [-1, 1] <-> codes [B, h, w] (VQ, FSQ) or [B, h, w, D] (RQ)."""
+
+    _config_schema = TokenizerConfig
+    _sort_config_keys = True
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
@@ -221,55 +220,3 @@ class Tokenizer(nn.Module, PyTorchModelHubMixin):
             "grid": list(self.grid),
             "depth": self.depth,
         }
-
-    def save_pretrained(self, save_directory: str | Path, overwrite: bool = True) -> None:  # type: ignore[override]
-        """Write config.json + model.safetensors atomically (a reader never sees half a model)."""
-        with atomic_dir(save_directory, overwrite=overwrite) as tmp:
-            (tmp / constants.CONFIG_NAME).write_text(
-                json.dumps(dataclasses.asdict(self.config), sort_keys=True, indent=2)
-            )
-            self._save_pretrained(tmp)
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        map_location: str = "cpu",
-        strict: bool = True,
-        config: Any = None,
-    ) -> Tokenizer:
-        """Rebuild the config strictly from config.json (nested dataclasses, unknown key ->
-        error) and load the weights with strict key matching."""
-
-        def fetch(name: str) -> str:
-            if os.path.isdir(model_id):
-                path = os.path.join(model_id, name)
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{path} not found: not a saved Tokenizer directory")
-                return path
-            return hf_hub_download(
-                repo_id=model_id,
-                filename=name,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                token=token,
-                local_files_only=local_files_only,
-            )
-
-        config_path = fetch(constants.CONFIG_NAME)
-        with open(config_path, encoding="utf-8") as f:
-            cfg = from_dict(TokenizerConfig, json.load(f), config_path)
-        model = cls(cfg)
-        weights = fetch(constants.SAFETENSORS_SINGLE_FILE)
-        try:
-            load_model(model, weights, strict=strict, device=map_location)
-        except SafetensorError as err:  # a damaged file: say which one
-            raise ValueError(f"{weights}: unreadable safetensors ({err})") from err
-        return model.eval()

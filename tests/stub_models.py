@@ -13,22 +13,10 @@ import copy
 import itertools
 from dataclasses import dataclass
 
-import pytest
 import torch
 from torch import Tensor, nn
 
 from prior.conditioning import Condition
-
-
-@pytest.fixture
-def single_thread():
-    """Stub decoding is thousands of tiny ops: intra-op threads only add overhead (and contend
-    on a shared 2-core machine). Use as `pytestmark = pytest.mark.usefixtures("single_thread")`
-    after importing it into the test module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass

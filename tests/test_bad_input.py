@@ -118,24 +118,6 @@ def train_prior(out: Path, tokens: Path, *extra: str) -> Callable[[], None]:
     return lambda: train_prior_main(argv)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Several runs in one process: each starts from clean accelerate singletons."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """Two tokenizers (A, B), their exports, an image folder with bad files and a finished prior

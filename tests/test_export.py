@@ -51,15 +51,6 @@ def export(tok: Tokenizer, out: Path, n: int = 12, views: int = 2, **kw) -> Path
     return export_tokens(tok, digits(n), out, cfg, {"data": "digits"}, **kw)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread than fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vq_export(tmp_path_factory) -> tuple[Tokenizer, Path]:
     tok = tiny_tokenizer()

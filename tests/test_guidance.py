@@ -10,15 +10,12 @@ from stub_models import (
     StubRQ,
     exactness_pvalue,
     sequence_probabilities,
-    single_thread,  # noqa: F401  (fixture)
     tiny_prior,
 )
 
 from sampling.autoregressive import generate_ar, generate_rq
 from sampling.guidance import GuidanceSchedule, guide, guide_batch
 from sampling.logits import SamplingConfig, probabilities, sample
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -7,7 +7,6 @@ from stub_models import (
     StubGPT,
     exactness_pvalue,
     sequence_probabilities,
-    single_thread,  # noqa: F401  (fixture)
     tiny_prior,
 )
 
@@ -16,8 +15,6 @@ from sampling.autoregressive import generate_ar
 from sampling.guidance import GuidanceSchedule, guide
 from sampling.jacobi import generate_jacobi
 from sampling.logits import SamplingConfig
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -5,7 +5,6 @@ import torch
 from stub_models import (
     StubConfig,
     StubMaskGIT,
-    single_thread,  # noqa: F401  (fixture)
     tiny_prior,
 )
 
@@ -14,8 +13,6 @@ from sampling.logits import SamplingConfig
 from sampling.maskgit import generate_maskgit, reveal_schedule
 
 VOCAB = 6
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed: int) -> torch.Generator:

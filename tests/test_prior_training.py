@@ -8,7 +8,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from test_export import export, tiny_tokenizer
 
 from prior import load_prior
@@ -28,25 +27,6 @@ TINY = [
     "runtime.save_every=2", "runtime.tracker=none", "runtime.progress=false", "optim.lr=0.01",
     "optim.warmup_steps=1", "sample.rows=2", "sample.per_row=2", "data.val_fraction=0.2",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread than fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Several runs share one process: start each from a clean accelerate singleton state."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

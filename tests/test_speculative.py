@@ -10,7 +10,6 @@ from stub_models import (
     exactness_pvalue,
     perturbed_copy,
     sequence_probabilities,
-    single_thread,  # noqa: F401  (fixture)
     tiny_prior,
 )
 
@@ -22,7 +21,6 @@ from sampling.relaxed import RelaxedAcceptance, neighbours
 from sampling.speculative import generate_speculative, verify
 
 GREEDY = SamplingConfig(temperature=0.0)
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def gen(seed: int) -> torch.Generator:

@@ -33,15 +33,6 @@ QUANTIZERS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs run faster on one thread than fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(
     ch_mult: list[int] | None = None, kind: str = "vq", movq: bool = False, resolution: int = 16
 ) -> TokenizerConfig:

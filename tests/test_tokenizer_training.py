@@ -61,19 +61,6 @@ EQUIVALENT = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Several in-process runs: give each its own accelerate singletons."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
-
-
 def _cfg(*overrides: str) -> TokenizerTrainConfig:
     return load_config(TokenizerTrainConfig, DIGITS, [*TINY, *overrides])
 

@@ -23,6 +23,17 @@ def _check_groups(name: str, channels: list[int], groups: int) -> None:
         raise ValueError(f"{name}: norm_groups={groups} must divide every width, not {bad}")
 
 
+def _check_levels(
+    name: str, ch_mult: list[int], num_res_blocks: int, channels: int, groups: int
+) -> None:
+    """Validation shared by the encoder and decoder configs."""
+    if not ch_mult or any(m < 1 for m in ch_mult):
+        raise ValueError(f"ch_mult must be a non-empty list of positive ints, got {ch_mult}")
+    if num_res_blocks < 1:
+        raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+    _check_groups(name, [channels * m for m in ch_mult], groups)
+
+
 @dataclass
 class EncoderConfig:
     """Encoder widths: level i has `channels * ch_mult[i]` channels."""
@@ -37,13 +48,9 @@ class EncoderConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
-            raise ValueError(
-                f"ch_mult must be a non-empty list of positive ints, got {self.ch_mult}"
-            )
-        if self.num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
-        _check_groups("EncoderConfig", [self.channels * m for m in self.ch_mult], self.norm_groups)
+        _check_levels(
+            "EncoderConfig", self.ch_mult, self.num_res_blocks, self.channels, self.norm_groups
+        )
 
     @property
     def factor(self) -> int:
@@ -65,13 +72,9 @@ class DecoderConfig:
     movq: bool = False
 
     def __post_init__(self) -> None:
-        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
-            raise ValueError(
-                f"ch_mult must be a non-empty list of positive ints, got {self.ch_mult}"
-            )
-        if self.num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
-        _check_groups("DecoderConfig", [self.channels * m for m in self.ch_mult], self.norm_groups)
+        _check_levels(
+            "DecoderConfig", self.ch_mult, self.num_res_blocks, self.channels, self.norm_groups
+        )
 
     @property
     def factor(self) -> int:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import statistics
-import time
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from torch import Tensor, nn
 from vector_quantize_pytorch import ResidualVQ, VectorQuantize
 
 from tokenizer.quantizers import QuantizerConfig, build_quantizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import device_name, emit, timed  # noqa: E402
 
 DECAY, BETA, KMEANS_ITERS = 0.99, 0.25, 3
 
@@ -113,16 +116,6 @@ class Side:
         (rows.square().mean() + loss).backward()
 
 
-def timed(fn: Callable[[], None], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def peak_memory_mb(fn: Callable[[], None], device: str) -> float | None:
     if device != "cuda":
         return None
@@ -200,9 +193,7 @@ def main() -> None:
         )
     report = {
         "benchmark": "quantizers",
-        "device": torch.cuda.get_device_name()
-        if args.device == "cuda"
-        else f"cpu x{torch.get_num_threads()} threads",
+        "device": device_name(args.device),
         "torch": torch.__version__,
         "vector_quantize_pytorch": importlib.metadata.version("vector-quantize-pytorch"),
         "vectors": args.vectors,
@@ -211,7 +202,7 @@ def main() -> None:
         "ratios": "ours / theirs (lower is better for time, mse, memory)",
         "cases": {c.name: bench_case(c, args) for c in CASES if c.name in wanted},
     }
-    print(json.dumps(report, indent=2))
+    emit(report)
 
 
 if __name__ == "__main__":

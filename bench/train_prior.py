@@ -12,11 +12,10 @@ printed as JSON. On CUDA the MFU uses the prior's own `flops_per_token` and a pe
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from prior import GPT, GPTConfig
 from prior.configs import ARCH_PRESETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import device_name, emit, timed  # noqa: E402
 
 # dense bf16 tensor-core peaks (no sparsity), FLOP/s
 PEAK_BF16 = {
@@ -131,17 +133,6 @@ def step_fns(
     return {"ours": ours_step, "llama": llama_step}
 
 
-def timed(fn: Callable[[], float], steps: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()  # .item() syncs every step, for both models alike
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -158,12 +149,14 @@ def main() -> None:
     rates: dict[str, list[float]] = {"ours": [], "llama": []}
     for _ in range(args.rounds):
         for name, fn in fns.items():
-            rates[name].append(tokens / timed(fn, args.steps, device))
+            # each step's .item() syncs, for both models alike
+            steps = lambda fn=fn: [fn() for _ in range(args.steps)]  # noqa: E731
+            rates[name].append(tokens / timed(steps, device))
     med = {name: statistics.median(r) for name, r in rates.items()}
     cfg = ours.config
     result = {
         "bench": "prior_training_tokens_per_s",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "compile": args.compile,
         "model": {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "ffn_dim": cfg.ffn_dim,
@@ -183,7 +176,7 @@ def main() -> None:
         if peak:
             result["mfu"] = {name: round(flops * med[name] / peak, 4) for name in med}
         result["max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(json.dumps(result, indent=2))
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """Stage-2 training: a GPT / MaskGIT / RQ-Transformer prior on token exports, through accelerate.
 
-One objective module (`PriorObjective`) wraps the prior so conditioning, masking and the loss all
-run inside the wrapped forward: DDP and DeepSpeed engines see one call per micro-batch, and ZeRO-3
-gathers every parameter the condition uses. The run: manifest -> resolved prior config (vocab,
+One objective module (`prior/objective.py`) wraps the prior so conditioning, masking and the loss
+all run inside the wrapped forward; the config lives in `prior/train_config.py`. The run: manifest -> resolved prior config (vocab,
 grid, depth, classes and the tokenizer identity come from the tokens) -> `TrainLoop` with eval
 (held-out loss, per-token accuracy) and sample-grid hooks -> `output_dir/final/` gathered under
 every ZeRO stage, after checking that every rank holds the same weights.
@@ -15,12 +14,10 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, DummyOptim, DummyScheduler, gather_object
 from omegaconf import OmegaConf
@@ -28,155 +25,22 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from prior.conditioning import Condition, word_vocab
-from prior.configs import GPTConfig, MaskGITConfig, PriorConfig, RQTransformerConfig, TokenizerInfo
-from prior.data import PriorData, PriorDataConfig, check_info, check_labels, load_data
+from prior.conditioning import Condition
+from prior.configs import PriorConfig, TokenizerInfo
+from prior.data import PriorData, check_info, check_labels, load_data
 from prior.loading import load_prior, prior_classes
-from prior.maskgit import random_mask
+from prior.objective import PriorObjective
+from prior.train_config import PriorTrainConfig, SampleConfig, resolve_prior_config
 from tokenizer.model import Tokenizer
 from training.config import CliArgs, from_dict, save_config
 from training.ema import EMA
 from training.loop import StepOutput, TrainLoop, optimizer_step
-from training.runtime import OptimConfig, RuntimeConfig, build_accelerator, build_optimizer
+from training.runtime import build_accelerator, build_optimizer
 from training.schedule import warmup_cosine
 from training.serialization import atomic_dir
 
-MODEL_TYPES = ("gpt", "maskgit", "rq_transformer")
 # sampler(model, cond, uncond, generator) -> codes Long [B, N] or [B, N, D]
 Sampler = Callable[[nn.Module, Condition, Condition, torch.Generator], Tensor]
-
-
-@dataclass
-class PriorModelConfig:
-    """Which prior (`type`) and its config; vocab/grid/depth/classes are filled from the tokens."""
-
-    type: str = "gpt"
-    init_from: str = ""  # a saved prior to start from (same type and tokenizer)
-    gpt: GPTConfig = field(default_factory=GPTConfig)
-    maskgit: MaskGITConfig = field(default_factory=MaskGITConfig)
-    rq_transformer: RQTransformerConfig = field(default_factory=RQTransformerConfig)
-
-    def __post_init__(self) -> None:
-        if self.type not in MODEL_TYPES:
-            raise ValueError(f"model.type must be one of {MODEL_TYPES}, got {self.type!r}")
-
-    def selected(self) -> PriorConfig:
-        return getattr(self, self.type)
-
-
-@dataclass
-class SampleConfig:
-    """Periodic sample grids: rows of classes (or captions), `per_row` samples each."""
-
-    rows: int = 4
-    per_row: int = 8
-    guidance_scale: float = 2.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    maskgit_steps: int = 8
-    seed: int = 0
-
-
-@dataclass
-class PriorTrainConfig:
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: PriorDataConfig = field(default_factory=lambda: PriorDataConfig(tokens="outputs/tokens"))
-    model: PriorModelConfig = field(default_factory=PriorModelConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    compile: bool = False
-    gradient_checkpointing: bool = False
-
-
-# ---- the objective ------------------------------------------------------------------------------
-class PriorObjective(nn.Module):
-    """prior + condition + loss in one forward: returns the mean loss and per-row sums."""
-
-    def __init__(self, prior: nn.Module) -> None:
-        super().__init__()
-        self.prior = prior
-        self.kind = prior.config.model_type
-
-    def _condition(self, labels: Tensor, captions: list[str], batch: int) -> Condition:
-        cond = self.prior.config.cond
-        if cond == "class":
-            return self.prior.condition(class_ids=labels, drop=self.training)
-        if cond == "text":
-            return self.prior.condition(texts=list(captions), drop=self.training)
-        return self.prior.condition(batch_size=batch)
-
-    def forward(
-        self,
-        codes: Tensor,
-        labels: Tensor,
-        captions: list[str],
-        generator: torch.Generator | None = None,
-    ) -> dict[str, Tensor]:
-        """codes Long [B, N] or [B, N, D]; MaskGIT masks with `generator` (fixed masks for eval)."""
-        cond = self._condition(labels, captions, codes.shape[0])
-        smoothing = 0.0
-        if self.kind == "maskgit":
-            mask = random_mask(codes.shape[0], codes.shape[1], codes.device, generator)  # [B, N]
-            inputs = torch.where(mask, torch.full_like(codes, self.prior.mask_token_id), codes)
-            logits = self.prior(inputs, cond)  # [B, N, V]
-            weight = mask.float()
-            smoothing = self.prior.config.label_smoothing
-        else:
-            logits = self.prior(codes, cond)  # [B, N, V] or [B, N, D, V]
-            weight = torch.ones(codes.shape, device=codes.device)
-        vocab = logits.shape[-1]
-        nll = F.cross_entropy(
-            logits.reshape(-1, vocab).float(),
-            codes.reshape(-1),
-            reduction="none",
-            label_smoothing=smoothing,
-        ).reshape(codes.shape)
-        correct = (logits.argmax(-1) == codes).float()
-        weight = weight.flatten(1)  # [B, N*D]
-        nll_sum = (nll.flatten(1) * weight).sum(1)  # [B]
-        count = weight.sum(1)  # [B]
-        return {
-            "loss": nll_sum.sum() / count.sum().clamp(min=1.0),
-            "nll_sum": nll_sum.detach(),
-            "correct": (correct.flatten(1) * weight).sum(1).detach(),
-            "count": count.detach(),
-        }
-
-
-# ---- set-up -------------------------------------------------------------------------------------
-def resolve_prior_config(
-    model_cfg: PriorModelConfig,
-    info: TokenizerInfo,
-    captions: list[str],
-    gradient_checkpointing: bool,
-) -> PriorConfig:
-    """The selected config with vocab, grid, depth, classes, text vocab and tokenizer from the data."""
-    cfg = model_cfg.selected()
-    check_info(cfg.tokenizer, info, f"model.{model_cfg.type}.tokenizer (pinned in the config)")
-    if model_cfg.type != "rq_transformer" and info.depth != 1:
-        raise ValueError(f"tokens have depth {info.depth}: train model.type=rq_transformer on them")
-    if model_cfg.type == "rq_transformer" and info.depth == 1:
-        raise ValueError("tokens have depth 1: model.type=rq_transformer needs residual (RQ) codes")
-    changes: dict[str, Any] = {
-        "vocab_size": info.codebook_size,
-        "grid": list(info.grid),
-        "tokenizer": info,
-        "gradient_checkpointing": cfg.gradient_checkpointing or gradient_checkpointing,
-    }
-    if model_cfg.type == "rq_transformer":
-        changes["depth"] = info.depth
-    if cfg.cond == "class":
-        if not info.class_names:
-            raise ValueError(
-                "cond='class' needs class names in the tokens' manifest; use cond=none or text"
-            )
-        changes["num_classes"] = len(info.class_names)
-    if cfg.cond == "text" and not cfg.text.name_or_path and not cfg.text.vocab:
-        changes["text"] = dataclasses.replace(
-            cfg.text, vocab=word_vocab(captions, cfg.text.lowercase)
-        )
-    return dataclasses.replace(cfg, **changes)
 
 
 def build_prior(cfg: PriorConfig) -> nn.Module:
@@ -490,11 +354,6 @@ def save_final(
 
 
 __all__ = [
-    "PriorDataConfig",
-    "PriorModelConfig",
-    "PriorObjective",
-    "PriorTrainConfig",
-    "SampleConfig",
     "Sampler",
     "save_grid",
     "train",

@@ -4,13 +4,17 @@ python scripts/demo.py --config configs/demo/digits.yaml --output-dir outputs/de
 
 Each stage runs the same command a user would (scripts/train_tokenizer.py, export_tokens.py,
 train_prior.py) in a subprocess, so the demo doubles as an end-to-end check of the CLIs. A stage
-whose result already exists is reused (delete the folder to redo it). On a machine with a GPU,
-accelerate puts the training on it.
+whose result exists is reused only if it was made by the same command, config file and upstream
+stages (`<folder>.stage.json` records that fingerprint); otherwise the old folder is moved to
+`<folder>.stale` and the stage runs again. On a machine with a GPU, accelerate puts the training
+on it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -72,28 +76,58 @@ def run(cmd: list[str]) -> None:
     subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
 
 
-def stage(name: str, done: Path, cmd: list[str], timings: dict[str, float]) -> None:
-    if done.exists():
+def fingerprint(cmd: list[str], upstream: str = "") -> str:
+    """What a stage's result depends on: its command line, its config file's text, upstream."""
+    digest = hashlib.sha256(json.dumps([cmd, upstream]).encode())
+    if "--config" in cmd:
+        digest.update((ROOT / cmd[cmd.index("--config") + 1]).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage(
+    name: str,
+    folder: Path,
+    done: Path,
+    cmd: list[str],
+    timings: dict[str, float],
+    upstream: str = "",
+) -> str:
+    """Run `cmd` unless `done` exists with this fingerprint; returns the fingerprint."""
+    key = fingerprint(cmd, upstream)
+    stamp = folder.with_name(folder.name + ".stage.json")
+    made_by = json.loads(stamp.read_text())["fingerprint"] if stamp.is_file() else None
+    if done.exists() and made_by == key:
         print(f"[{name}] reusing {done}")
-        return
+        return key
+    if folder.exists() and made_by != key:  # another config, or an older demo: keep it aside
+        stale = folder.with_name(folder.name + ".stale")
+        print(f"[{name}] {folder} was made by another command or config: moved to {stale}")
+        shutil.rmtree(stale, ignore_errors=True)
+        folder.rename(stale)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, json.dumps({"fingerprint": key, "cmd": cmd}, indent=2) + "\n")
     start = time.perf_counter()
     run(cmd)
     timings[name] = round(time.perf_counter() - start, 1)
     print(f"[{name}] done in {timings[name]} s")
+    return key
 
 
 def train_models(cfg: DemoConfig, out: Path, timings: dict[str, float]) -> None:
     tok_dir, tokens = out / "tokenizer", out / "tokens"
-    stage("tokenizer", tok_dir / "final", ["scripts/train_tokenizer.py", "--config", cfg.tokenizer.config,
-          "--output-dir", str(tok_dir), "--resume", "latest", *cfg.tokenizer.overrides], timings)  # fmt: skip
+    tok_key = stage("tokenizer", tok_dir, tok_dir / "final", ["scripts/train_tokenizer.py", "--config",
+                    cfg.tokenizer.config, "--output-dir", str(tok_dir), "--resume", "latest",
+                    *cfg.tokenizer.overrides], timings)  # fmt: skip
+    token_keys = []
     for split, views in (("train", cfg.export_views), ("test", 1)):
-        stage(f"export_{split}", tokens / split, ["scripts/export_tokens.py", "--tokenizer", str(tok_dir / "final"),
-              "--data", cfg.data, "--split", split, "--out", str(tokens / split), "--views", str(views),
-              *cfg.export_overrides], timings)  # fmt: skip
+        token_keys.append(stage(f"export_{split}", tokens / split, tokens / split, ["scripts/export_tokens.py",
+              "--tokenizer", str(tok_dir / "final"), "--data", cfg.data, "--split", split, "--out",
+              str(tokens / split), "--views", str(views), *cfg.export_overrides], timings, tok_key))  # fmt: skip
     for name, sub in (("prior", cfg.prior), ("draft", cfg.draft)):
-        stage(name, out / name / "final", ["scripts/train_prior.py", "--config", sub.config,
+        stage(name, out / name, out / name / "final", ["scripts/train_prior.py", "--config", sub.config,
               "--output-dir", str(out / name), "--resume", "latest", f"data.tokens={tokens / 'train'}",
-              f"data.val_tokens={tokens / 'test'}", f"data.tokenizer={tok_dir / 'final'}", *sub.overrides], timings)  # fmt: skip
+              f"data.val_tokens={tokens / 'test'}", f"data.tokenizer={tok_dir / 'final'}", *sub.overrides],
+              timings, "".join(token_keys))  # fmt: skip
 
 
 def sample_grids(cfg: DemoConfig, pipe: Pipeline, out: Path) -> dict[str, dict]:

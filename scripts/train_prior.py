@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from prior.conditioning import Condition
-from prior.trainer import PriorTrainConfig, SampleConfig, Sampler, train
+from prior.train_config import PriorTrainConfig, SampleConfig
+from prior.trainer import Sampler, train
 from sampling.autoregressive import generate_ar, generate_rq
 from sampling.guidance import GuidanceSchedule
 from sampling.logits import SamplingConfig

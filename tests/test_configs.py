@@ -11,6 +11,7 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
 from scripts.demo import DemoConfig
+from scripts.demo import stage as demo_stage
 from tokenizer.model import Tokenizer
 from tokenizer.trainer import TokenizerTrainConfig
 from training.config import ConfigError, load_config
@@ -75,7 +76,7 @@ PRIOR = _files("prior", "*.yaml")
 
 @pytest.mark.parametrize("path", PRIOR, ids=_ids(PRIOR))
 def test_prior_config_loads(path):
-    schema = pytest.importorskip("prior.trainer").PriorTrainConfig
+    schema = pytest.importorskip("prior.train_config").PriorTrainConfig
     load_config(schema, path)
 
 
@@ -88,6 +89,39 @@ def test_demo_config_loads_and_names_existing_stage_configs(path):
     for stage in (cfg.tokenizer, cfg.prior, cfg.draft):
         assert (ROOT / stage.config).is_file(), f"{path.name}: {stage.config} does not exist"
     load_config(TokenizerTrainConfig, ROOT / cfg.tokenizer.config, cfg.tokenizer.overrides)
+
+
+def test_demo_reuses_a_stage_only_when_command_config_and_upstream_match(tmp_path):
+    """A changed config (or upstream stage) retrains; the old result is kept aside, not lost."""
+    config = tmp_path / "stage.yaml"
+    config.write_text("steps: 1\n")
+    folder = tmp_path / "tokenizer"
+    script = tmp_path / "train.py"  # stands in for a training CLI: writes a unique final/t
+    script.write_text(
+        "import pathlib, time\n"
+        f"final = pathlib.Path({str(folder / 'final')!r})\n"
+        "final.mkdir(parents=True)\n"
+        "(final / 't').write_text(str(time.time_ns()))\n"
+    )
+    cmd = [str(script), "--config", str(config)]
+    timings: dict[str, float] = {}
+    key = demo_stage("tokenizer", folder, folder / "final", cmd, timings)
+    first = (folder / "final" / "t").read_text()
+    assert "tokenizer" in timings
+
+    timings.clear()
+    assert demo_stage("tokenizer", folder, folder / "final", cmd, timings) == key
+    assert timings == {} and (folder / "final" / "t").read_text() == first  # reused
+
+    assert demo_stage("tokenizer", folder, folder / "final", cmd, timings, upstream="other") != key
+    assert (folder.with_name("tokenizer.stale") / "final" / "t").read_text() == first
+    second = (folder / "final" / "t").read_text()
+    assert second != first
+
+    config.write_text("steps: 2\n")  # same command line, edited config file
+    demo_stage("tokenizer", folder, folder / "final", cmd, timings, upstream="other")
+    assert (folder.with_name("tokenizer.stale") / "final" / "t").read_text() == second
+    assert (folder / "final" / "t").read_text() not in (first, second)
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -237,6 +237,30 @@ def test_digits_through_the_loader_are_exact_and_seeded() -> None:
         assert b["label"][k].item() == ds[i]["label"] and b["caption"][k] == ds[i]["caption"]
 
 
+def test_augmentation_is_a_function_of_seed_epoch_and_sample() -> None:
+    """Random crops/flips depend on (seed, epoch, index) only: the same in any access order and
+    with worker processes, new each epoch, so a resumed run redraws them without saved state."""
+    ds = load_image_dataset(DataConfig(source="digits", resolution=16, max_samples=16), "train")
+    transform = ImageTransform(12, resize=False, random_crop=True, flip=True)
+
+    def epoch_images(epoch: int, workers: int = 0) -> torch.Tensor:
+        loader = make_dataloader(ds, 4, False, seed=3, num_workers=workers, transform=transform)
+        loader.dataset.set_epoch(epoch)
+        return torch.cat([b["image"] for b in loader])  # [16, 3, 12, 12]
+
+    first = epoch_images(0)
+    assert torch.equal(first, epoch_images(0, workers=2))
+    dataset = make_dataloader(ds, 4, False, seed=3, transform=transform).dataset
+    backwards = torch.stack([dataset[i]["image"] for i in reversed(range(16))]).flip(0)
+    assert torch.equal(first, backwards)
+    second = epoch_images(1)
+    changed = [not torch.equal(a, b) for a, b in zip(first, second)]
+    assert sum(changed) >= 8  # 4x4 crop offsets x flip: most samples change between epochs
+    centre = ImageTransform(12, resize=False)  # no random ops: nothing is drawn
+    plain = next(iter(make_dataloader(ds, 16, False, seed=3, transform=centre)))["image"]
+    assert torch.equal(plain, torch.stack([centre(ds[i]["image"]) for i in range(16)]))
+
+
 def test_data_config_validation() -> None:
     with pytest.raises(ValueError, match="interpolation"):
         DataConfig(interpolation="cubic")

@@ -52,6 +52,8 @@ TINY = [
 ]
 # GAN from step 1 with a batch-independent discriminator norm and a fixed GAN weight: a global
 # batch split over ranks or micro-batches must then give the same update as one big batch.
+# (DDP also matches with the adaptive weight, whose gradients are averaged over ranks; gradient
+# accumulation computes it per micro-batch, as taming does.)
 EQUIVALENT = [
     "loss.disc_weight=0.5",
     "loss.disc_start=1",
@@ -137,6 +139,26 @@ def test_train_saves_loadable_model_grid_eval_and_resumes(tmp_path):
     assert json.loads((out / "eval.json").read_text())["step"] == 4
 
 
+def test_resume_with_random_augmentation_equals_uninterrupted(tmp_path):
+    """Random flips (the same generator as crops) are redrawn identically after a resume
+    mid-epoch and across an epoch boundary (24 digits, batch 4: 6 steps an epoch)."""
+    aug = [
+        "data.max_samples=24",
+        "data.flip=true",
+        "runtime.max_steps=9",
+        "runtime.save_every=4",
+        "runtime.keep_last=3",
+    ]
+    _run(tmp_path / "full", *aug)
+    start = tmp_path / "full" / "checkpoints" / "step_000004"
+    _run(tmp_path / "resumed", *aug, resume=str(start))
+    a, b = _train_rows(tmp_path / "full"), _train_rows(tmp_path / "resumed")
+    assert sorted(b) == list(range(5, 10))
+    for step in b:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6), step
+    assert _max_diff(tmp_path / "full", tmp_path / "resumed")["max"] == 0.0
+
+
 def test_non_finite_loss_skips_the_update(tmp_path, monkeypatch):
     original = trainer_module.TokenizerLoss.generator_loss
 
@@ -180,8 +202,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 @pytest.mark.slow
 def test_ddp_two_processes_share_codebooks_and_match_one_process(tmp_path):
     """2 CPU ranks x batch 4 == 1 process x batch 8: identical state on both ranks (codebook and
-    its statistics), and the same weights and losses as one process, within float tolerance."""
-    common = [*TINY, *EQUIVALENT, "runtime.max_steps=3"]
+    its statistics), and the same weights and losses as one process, within float tolerance,
+    with the adaptive GAN weight on (its gradient norms are taken over the global batch)."""
+    shared = [*EQUIVALENT, "loss.adaptive_weight=true", "runtime.max_steps=3"]
     env = {
         **os.environ,
         "ACCELERATE_USE_CPU": "true",
@@ -191,11 +214,11 @@ def test_ddp_two_processes_share_codebooks_and_match_one_process(tmp_path):
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(SCRIPT), "--config", str(DIGITS), "--output-dir", str(tmp_path / "ddp"),
-         *common, "runtime.batch_size=4"],
+         *TINY, *shared, "runtime.batch_size=4"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    _run(tmp_path / "one", *EQUIVALENT, "runtime.max_steps=3", "runtime.batch_size=8")
+    _run(tmp_path / "one", *shared, "runtime.batch_size=8")
 
     rank0 = load_file(tmp_path / "ddp" / "debug" / "rank0.safetensors")
     rank1 = load_file(tmp_path / "ddp" / "debug" / "rank1.safetensors")
@@ -215,7 +238,9 @@ def test_ddp_two_processes_share_codebooks_and_match_one_process(tmp_path):
     for step in a:  # logged metrics are means over ranks = the global batch's
         for name in ("rec_loss", "loss", "quant/perplexity"):
             assert a[step][name] == pytest.approx(b[step][name], rel=1e-4), (step, name)
-    assert a[3]["d_loss"] == pytest.approx(b[3]["d_loss"], rel=1e-4)
+    for name in ("d_loss", "disc_adaptive_weight"):  # the GAN runs from the second step
+        assert a[3][name] == pytest.approx(b[3][name], rel=1e-4), name
+    assert a[2]["disc_adaptive_weight"] == pytest.approx(b[2]["disc_adaptive_weight"], rel=1e-4)
 
 
 def test_config_rejects_inconsistent_sizes():

@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader
 
 from tokenizer.embedded import NAMES, load_embedded
 
@@ -374,12 +374,24 @@ def _array_dtype(feature: Any) -> str | None:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """A standardised `datasets.Dataset` + transform, with its own seeded generator for crops/flips."""
+    """A standardised `datasets.Dataset` + transform whose random crops/flips are a function of
+    (seed, epoch, sample index) alone: a resumed run, any worker count and any rank draw the
+    same augmentation for the same sample, so nothing about it needs checkpointing."""
 
     def __init__(self, data: datasets.Dataset, transform: ImageTransform, seed: int = 0) -> None:
         self.data, self.transform = data, transform
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = seed, 0
         self.array_dtype = _array_dtype(data.features.get("image"))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop before each epoch's iterator is made."""
+        self.epoch = epoch
+
+    def _generator(self, index: int) -> torch.Generator | None:
+        if not (self.transform.random_crop or self.transform.flip):
+            return None
+        words = np.random.SeedSequence([self.seed % 2**32, self.epoch, index]).generate_state(2)
+        return torch.Generator().manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -391,7 +403,7 @@ class ImageDataset(torch.utils.data.Dataset):
             image = row["image"]  # array columns (Array2D/3D, lists) come back as nested lists
             if isinstance(image, list) and self.array_dtype is not None:
                 image = np.asarray(image, dtype=self.array_dtype)
-            image = self.transform(image, self.generator)
+            image = self.transform(image, self._generator(index))
         except ValueError as err:
             raise ValueError(f"sample {index}: {err}") from err
         label = row.get("label")
@@ -412,13 +424,6 @@ def collate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _seed_worker(worker_id: int) -> None:
-    info = get_worker_info()
-    info.dataset.generator.manual_seed(
-        info.seed % 2**63
-    )  # per-worker, derived from the loader seed
-
-
 def make_dataloader(
     dataset: datasets.Dataset,
     batch_size: int,
@@ -429,7 +434,8 @@ def make_dataloader(
     transform: ImageTransform,
     drop_last: bool = False,
 ) -> DataLoader:
-    """Seeded loader of {"image", "label", "caption", "index"} batches."""
+    """Seeded loader of {"image", "label", "caption", "index"} batches. Workers are not kept
+    between epochs, so each epoch's iterator sends them the dataset's current epoch."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return DataLoader(
@@ -440,6 +446,4 @@ def make_dataloader(
         collate_fn=collate,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
-        persistent_workers=num_workers > 0,
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -74,11 +75,25 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 def adaptive_weight(
     nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, base: float = 1.0
 ) -> torch.Tensor:
-    """base * clamp(||grad nll|| / (||grad g|| + 1e-4), 0, 1e4), detached (Esser et al. 2021)."""
+    """base * clamp(||grad nll|| / (||grad g|| + 1e-4), 0, 1e4), detached (Esser et al. 2021).
+
+    Under DDP both gradients are averaged over ranks first (`autograd.grad` bypasses DDP's
+    all-reduce), so every rank uses the weight of the global batch, as one process would.
+    """
     (nll_grad,) = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    nll_grad, g_grad = _mean_over_ranks(nll_grad), _mean_over_ranks(g_grad)
     weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return (weight.clamp(0.0, 1e4) * base).detach()
+
+
+def _mean_over_ranks(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of the global-batch mean loss: the mean of the ranks' gradients."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return grad
+    grad = grad.clone()
+    dist.all_reduce(grad)  # SUM: gloo has no AVG
+    return grad / dist.get_world_size()
 
 
 def load_lpips(weights_path: str | Path) -> nn.Module:

@@ -98,6 +98,9 @@ class TrainLoop:
     def _batches(self, loader):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(self.state.epoch)
+        dataset = getattr(loader, "dataset", None)  # epoch-keyed augmentation (tokenizer.data)
+        if hasattr(dataset, "set_epoch"):  # accelerate skips it when its sampler takes the epoch
+            dataset.set_epoch(self.state.epoch)
         if self.state.batches_in_epoch:
             return self.accelerator.skip_first_batches(loader, self.state.batches_in_epoch)
         return loader

@@ -75,13 +75,14 @@ class GuidedPrior:
         self.device = cond.prefix.device
         # scale per absolute position; positions past num_tokens repeat the last one
         self.scales = guidance.table(num_tokens, max_len + 1, device=self.device)  # [L]
+        self.plausibility = guidance.plausibility
         self.decode_fn = decode_fn if decode_fn is not None else model.decode
         self.calls = 0
         model.setup_caches(self.rows, max_len)
 
     def _distribution(self, logits: Tensor, scale: Tensor) -> Tensor:
         if self.guided:
-            logits = guide_batch(logits, scale)
+            logits = guide_batch(logits, scale, self.plausibility)
         return self.sampling.probabilities(logits)
 
     def prefill(self) -> Tensor:
@@ -175,7 +176,9 @@ def generate_rq(
         prev = torch.empty(h.shape[0], 0, dtype=torch.long, device=device)  # [R, d]
         for _ in range(depth):
             logits = model.depth_logits(h, prev)  # [R, V]
-            probs = sampling.probabilities(guide_batch(logits, scale) if guided else logits)
+            if guided:
+                logits = guide_batch(logits, scale, guidance.plausibility)
+            probs = sampling.probabilities(logits)
             token = sample(probs, generator)  # [B]
             token = torch.cat([token, token]) if guided else token
             prev = torch.cat([prev, token[:, None]], dim=1)

@@ -44,6 +44,7 @@ class SampleOptions:
     top_k: int = 0
     top_p: float = 1.0
     batch_size: int = 64
+    plausibility: float = 0.0  # guidance cutoff alpha (sampling.guidance)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -240,6 +241,7 @@ def sample_images(
         result = pipe(
             list(prompts[start : start + opts.batch_size]),
             guidance_scale=guidance_scale,
+            guidance_plausibility=opts.plausibility,
             method=_method(pipe, opts.method),
             num_steps=opts.num_steps,
             num_images_per_prompt=1,

@@ -71,7 +71,7 @@ def generate_maskgit(
         inputs = torch.cat([codes, codes]) if guided else codes  # [R, N]
         logits = model(inputs, cond_rows)  # [R, N, V]
         if guided:
-            logits = guide_batch(logits, guidance.scale_at(t, steps))
+            logits = guide_batch(logits, guidance.scale_at(t, steps), guidance.plausibility)
         probs = sampling.probabilities(logits)  # [B, N, V]
         unknown = codes == mask_id
         sampled = torch.where(unknown, sample(probs, generator), codes)  # [B, N]

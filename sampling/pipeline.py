@@ -175,6 +175,7 @@ class Pipeline:
         guidance_scale: float = 1.0,
         guidance_schedule: str = "constant",
         guidance_stop: float | None = None,
+        guidance_plausibility: float = 0.0,
         negative_prompts: Sequence[str] | None = None,
         method: str = "ar",
         num_steps: int = 8,
@@ -202,7 +203,9 @@ class Pipeline:
         if negative_prompts is not None:
             negative = [n for n in negative_prompts for _ in range(num_images_per_prompt)]
         sampling = SamplingConfig(temperature, top_k, top_p)
-        guidance = GuidanceSchedule(guidance_scale, guidance_schedule, guidance_stop)
+        guidance = GuidanceSchedule(
+            guidance_scale, guidance_schedule, guidance_stop, guidance_plausibility
+        )
         cond, uncond = self.conditions(self.prior, prompts, negative)
         n = self.prior.config.seq_len
         stats, counts = None, None

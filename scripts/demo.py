@@ -25,6 +25,7 @@ import torch
 
 from sampling import Pipeline
 from sampling.evaluation import (
+    SampleOptions,
     evaluate_generation,
     evaluate_tokenizer,
     load_or_train_judge,
@@ -64,6 +65,7 @@ class DemoConfig:
     grid_per_prompt: int = 8
     grid_prompts: list[str] = field(default_factory=list)  # empty: every class name
     grid_guidance: float = 3.0
+    guidance_plausibility: float = 0.0  # CFG cutoff alpha for grids and evaluation (0 = off)
     guidance_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
     eval_per_class: int = 50
     draft_len: int = 4
@@ -136,7 +138,8 @@ def sample_grids(cfg: DemoConfig, pipe: Pipeline, out: Path) -> dict[str, dict]:
     report = {}
     for method, name in (("ar", "samples.png"), ("speculative", "samples_speculative.png")):
         start = time.perf_counter()
-        result = pipe(prompts, guidance_scale=cfg.grid_guidance, method=method, draft_len=cfg.draft_len,
+        result = pipe(prompts, guidance_scale=cfg.grid_guidance, guidance_plausibility=cfg.guidance_plausibility,
+                      method=method, draft_len=cfg.draft_len,
                       num_images_per_prompt=cfg.grid_per_prompt, generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
         seconds = time.perf_counter() - start
         image_grid(result.images, cols=cfg.grid_per_prompt).save(out / name)
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.eval_per_class,
         cfg.prompt_mode,
         cfg.seed,
+        SampleOptions(plausibility=cfg.guidance_plausibility),
         on_samples=save_eval_grid,
     )
     plot_guidance(metrics["generation"], out / "guidance.png")

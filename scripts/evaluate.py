@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior", type=Path, default=None, help="prior directory (generation scores)")
     p.add_argument("--data", default="digits", choices=["digits", "shapes", "photos"])
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0], help="CFG scales")
+    p.add_argument(
+        "--plausibility", type=float, default=0.0, help="CFG cutoff alpha (0 = off), see guidance"
+    )
     p.add_argument("--n-per-class", type=int, default=20, help="samples per class and scale")
     p.add_argument("--method", default="auto", help="ar | maskgit | jacobi (auto: by prior type)")
     p.add_argument("--num-steps", type=int, default=8, help="MaskGIT decoding steps")
@@ -90,8 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"judge: held-out accuracy {report['heldout_accuracy']:.4f}")
         pipe = Pipeline.from_pretrained(args.tokenizer, args.prior, device=args.device)
         options = SampleOptions(
-            args.method, args.num_steps, args.temperature, args.top_k, args.top_p, args.batch_size
-        )
+            args.method, args.num_steps, args.temperature, args.top_k, args.top_p, args.batch_size,
+            args.plausibility,
+        )  # fmt: skip
 
         def save_grid(scale: float, images: torch.Tensor) -> None:
             path = out_dir / f"samples_g{scale:g}.png"

@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"])
+    p.add_argument(
+        "--plausibility", type=float, default=0.0, help="CFG cutoff: drop p < alpha * max p (cond)"
+    )
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--method", default="ar", choices=METHODS)
     p.add_argument("--steps", type=int, default=8, help="MaskGIT steps")
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts,
         guidance_scale=args.guidance,
         guidance_schedule=args.schedule,
+        guidance_plausibility=args.plausibility,
         negative_prompts=args.negative_prompt,
         method=args.method,
         num_steps=args.steps,

@@ -54,6 +54,8 @@ def test_schedule_validation():
         GuidanceSchedule(2.0, stop_after=1.5)
     with pytest.raises(ValueError, match="position"):
         GuidanceSchedule(2.0).scale_at(4, 4)
+    with pytest.raises(ValueError, match="plausibility must be in"):
+        GuidanceSchedule(2.0, plausibility=1.5)
 
 
 def test_guide_formula():
@@ -64,6 +66,26 @@ def test_guide_formula():
     torch.testing.assert_close(guide_batch(torch.cat([c, u]), 2.5), u + 2.5 * (c - u))
     with pytest.raises(ValueError, match="even"):
         guide_batch(torch.randn(3, 5), 2.0)
+
+
+def test_plausibility_cutoff_removes_only_unlikely_conditional_tokens():
+    """p_c < alpha * max p_c -> -inf where s != 1; everything else is the plain guided logit."""
+    c = torch.tensor([[4.0, 3.0, 0.0, -8.0], [0.0, 0.0, 0.0, 0.0]])
+    u = torch.tensor([[4.0, 3.5, -1.0, -20.0], [1.0, 0.0, -1.0, 0.0]])
+    plain = guide(c, u, 3.0)
+    assert plain[0].argmax() == 3  # the tail token CFG would promote: 3 * -8 - 2 * -20 = 16
+    cut = guide(c, u, 3.0, plausibility=0.1)
+    p = c.softmax(-1)
+    drop = p < 0.1 * p.amax(-1, keepdim=True)
+    assert drop.tolist() == [[False, False, True, True], [False] * 4]
+    assert torch.isinf(cut[drop]).all() and (cut[drop] < 0).all()
+    assert torch.equal(cut[~drop], plain[~drop])
+    assert cut[0].argmax() == 0  # the conditional's own choice stays possible
+    torch.testing.assert_close(guide(c, u, 1.0, plausibility=0.5), c)  # s = 1: no cutoff
+    scales = torch.tensor([[3.0], [1.0]])  # per row: the cutoff only where s != 1
+    per_row = guide(c, u, scales, plausibility=0.1)
+    assert torch.equal(per_row[0], cut[0]) and torch.equal(per_row[1], c[1])
+    assert torch.equal(guide_batch(torch.cat([c, u]), 3.0, 0.1), cut)
 
 
 @pytest.fixture
@@ -79,7 +101,8 @@ def reference_ar(model, cond, uncond, n, sampling, guidance, generator):
     for i in range(n):
         logits = model(codes, cond)[:, i]
         if uncond is not None:
-            logits = guide(logits, model(codes, uncond)[:, i], guidance.scale_at(i, n))
+            scale = guidance.scale_at(i, n)
+            logits = guide(logits, model(codes, uncond)[:, i], scale, guidance.plausibility)
         probs = sampling.probabilities(logits)
         codes[:, i] = sample(probs, generator)
         all_probs.append(probs)
@@ -87,18 +110,19 @@ def reference_ar(model, cond, uncond, n, sampling, guidance, generator):
 
 
 @pytest.mark.parametrize(
-    ("scale", "kind", "sampling"),
+    ("scale", "kind", "sampling", "alpha"),
     [
-        (1.0, "constant", SamplingConfig()),
-        (3.0, "constant", SamplingConfig(temperature=0.8, top_k=4)),
-        (2.0, "cosine", SamplingConfig(top_p=0.9)),
-        (4.0, "linear", SamplingConfig(temperature=0.0)),
+        (1.0, "constant", SamplingConfig(), 0.0),
+        (3.0, "constant", SamplingConfig(temperature=0.8, top_k=4), 0.0),
+        (2.0, "cosine", SamplingConfig(top_p=0.9), 0.0),
+        (4.0, "linear", SamplingConfig(temperature=0.0), 0.0),
+        (3.0, "cosine", SamplingConfig(), 0.2),
     ],
 )
-def test_cached_ar_equals_full_recomputation(stub, scale, kind, sampling):
+def test_cached_ar_equals_full_recomputation(stub, scale, kind, sampling, alpha):
     cond = stub.condition(torch.tensor([0, 1, 2, 1]))
     uncond = stub.null_condition(4)
-    guidance = GuidanceSchedule(scale, kind=kind)
+    guidance = GuidanceSchedule(scale, kind=kind, plausibility=alpha)
     guided = guidance.needs_unconditional(12)
     codes, probs = generate_ar(
         stub, cond, uncond, 12, sampling, guidance, gen(5), return_probs=True

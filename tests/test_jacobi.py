@@ -40,7 +40,8 @@ def exact_probs(model, sampling, guidance, length=3):
     guided = guidance.needs_unconditional(length)
 
     def fn(c, u, i):
-        return sampling.probabilities(guide(c, u, guidance.scale_at(i, length)) if guided else c)
+        scale = guidance.scale_at(i, length)
+        return sampling.probabilities(guide(c, u, scale, guidance.plausibility) if guided else c)
 
     return sequence_probabilities(model, 0, length, fn, guided)[1]
 
@@ -50,6 +51,7 @@ def exact_probs(model, sampling, guidance, length=3):
     [
         (SamplingConfig(), GuidanceSchedule(1.0), 2),
         (SamplingConfig(temperature=1.5, top_k=3), GuidanceSchedule(2.0), 3),
+        (SamplingConfig(), GuidanceSchedule(2.5, plausibility=0.3), 2),
     ],
 )
 def test_jacobi_is_exact(sampling, guidance, window):

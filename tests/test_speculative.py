@@ -95,7 +95,8 @@ def exact_probs(target, sampling, guidance, length=3, label=0):
     guided = guidance.needs_unconditional(length)
 
     def fn(c, u, i):
-        logits = guide(c, u, guidance.scale_at(i, length)) if guided else c
+        scale = guidance.scale_at(i, length)
+        logits = guide(c, u, scale, guidance.plausibility) if guided else c
         return sampling.probabilities(logits)
 
     return sequence_probabilities(target, label, length, fn, guided)[1]
@@ -106,6 +107,7 @@ CASES = [  # sampling, guidance, draft_len, adaptive, draft noise, length
     (SamplingConfig(temperature=0.9, top_k=3), GuidanceSchedule(2.5), 2, False, 0.6, 3),
     (SamplingConfig(), GuidanceSchedule(2.0, kind="linear"), 1, True, 0.15, 4),
     (SamplingConfig(top_p=0.95), GuidanceSchedule(1.5), 3, False, 0.3, 4),  # rows shift back
+    (SamplingConfig(), GuidanceSchedule(3.0, plausibility=0.3), 2, False, 0.15, 3),  # cutoff
 ]
 
 

@@ -178,6 +178,7 @@ def test_evaluate_generation_with_perfect_generator(
     def pipe(
         prompts,
         guidance_scale,
+        guidance_plausibility,
         method,
         num_steps,
         num_images_per_prompt,
@@ -187,20 +188,20 @@ def test_evaluate_generation_with_perfect_generator(
         generator,
         output_type,
     ):
-        calls.append((len(prompts), guidance_scale, method, output_type))
+        calls.append((len(prompts), guidance_scale, guidance_plausibility, method, output_type))
         rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=generator)))
         rows = [rng.choice(np.flatnonzero(held_labels == p)) for p in prompts]
         return SimpleNamespace(images=held[rows])  # uint8 [B, H, W, 3], like Pipeline's "np"
 
     prompts, labels, _ = balanced_prompts("class", digits_data, 3)
     assert prompts == [c for c in range(10) for _ in range(3)] and labels.tolist() == prompts
-    opts = SampleOptions(batch_size=16)
+    opts = SampleOptions(batch_size=16, plausibility=0.1)
     result = evaluate_generation(pipe, judge, digits_data, [1.0, 2.0], n_per_class=3, options=opts)
     assert calls == [
-        (16, 1.0, "ar", "np"),
-        (14, 1.0, "ar", "np"),
-        (16, 2.0, "ar", "np"),
-        (14, 2.0, "ar", "np"),
+        (16, 1.0, 0.1, "ar", "np"),
+        (14, 1.0, 0.1, "ar", "np"),
+        (16, 2.0, 0.1, "ar", "np"),
+        (14, 2.0, 0.1, "ar", "np"),
     ]
     real_acc = tiny_judge[1]["heldout_accuracy"]
     for run in result["runs"]:

@@ -23,6 +23,7 @@ from sampling.guidance import GuidanceSchedule
 from sampling.logits import SamplingConfig
 from sampling.maskgit import generate_maskgit
 from training.config import parse_cli
+from training.runtime import shutdown_distributed
 
 
 def make_sampler(cfg: SampleConfig) -> Sampler:
@@ -52,6 +53,7 @@ def make_sampler(cfg: SampleConfig) -> Sampler:
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_cli(PriorTrainConfig, argv, description=__doc__)
     train(cfg, args, make_sampler(cfg.sample))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

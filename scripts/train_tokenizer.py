@@ -17,11 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tokenizer.trainer import TokenizerTrainConfig, train  # noqa: E402
 from training.config import parse_cli  # noqa: E402
+from training.runtime import shutdown_distributed  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_cli(TokenizerTrainConfig, argv, description=__doc__.splitlines()[0])
     train(cfg, args)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -107,6 +107,14 @@ def build_accelerator(cfg: RuntimeConfig, output_dir: str | Path) -> Accelerator
     return accelerator
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly at the end of a script: without it, a gloo or DeepSpeed
+    comm thread still running at interpreter exit can abort the process after a finished run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def loader_generator(seed: int) -> torch.Generator:
     """A DataLoader's own generator, so starting an iterator never consumes the global RNG."""
     return torch.Generator().manual_seed(seed)

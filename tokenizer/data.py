@@ -390,8 +390,8 @@ class ImageDataset(torch.utils.data.Dataset):
     def _generator(self, index: int) -> torch.Generator | None:
         if not (self.transform.random_crop or self.transform.flip):
             return None
-        words = np.random.SeedSequence([self.seed % 2**32, self.epoch, index]).generate_state(2)
-        return torch.Generator().manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
+        seed = np.random.default_rng([self.seed % 2**32, self.epoch, index]).integers(2**63)
+        return torch.Generator().manual_seed(int(seed))  # as export.view_params seeds its views
 
     def __len__(self) -> int:
         return len(self.data)

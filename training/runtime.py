@@ -108,10 +108,10 @@ def build_accelerator(cfg: RuntimeConfig, output_dir: str | Path) -> Accelerator
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group cleanly at the end of a script: without it, a gloo or DeepSpeed
-    comm thread still running at interpreter exit can abort the process after a finished run."""
+    """Leave the process group cleanly at the end of a script (both trainers already end on a
+    barrier): a gloo or DeepSpeed comm thread still alive at interpreter exit can abort the
+    process after a finished run."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -20,6 +20,12 @@ ARCH_PRESETS: dict[str, tuple[int, int, int, int]] = {
 
 SPECIAL_WORDS: list[str] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
+# Upper bounds checked before anything is allocated (a 1 KB config.json must not ask for 80 GB).
+MAX_VOCAB = 2**16  # token exports store codes as uint16
+MAX_GRID_SIDE = 1024
+MAX_SEQ_LEN = 2**16  # h * w
+MAX_PARAMS = 20e9  # far above any prior this code trains
+
 
 @dataclass
 class TokenizerInfo:
@@ -79,8 +85,11 @@ class TextEncoderConfig:
     def __post_init__(self) -> None:
         if self.arch not in ("bert", "t5"):
             raise ValueError(f"text.arch must be 'bert' or 't5', got {self.arch!r}")
-        if self.max_text_len < 2:
-            raise ValueError(f"text.max_text_len must be >= 2, got {self.max_text_len}")
+        if not 2 <= self.max_text_len <= 4096:
+            raise ValueError(f"text.max_text_len must be in [2, 4096], got {self.max_text_len}")
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            if not 1 <= getattr(self, name) <= 65536:
+                raise ValueError(f"text.{name} must be in [1, 65536], got {getattr(self, name)}")
         if self.hidden_size % self.num_heads != 0:
             raise ValueError(
                 f"text.hidden_size {self.hidden_size} not divisible by text.num_heads {self.num_heads}"
@@ -129,10 +138,17 @@ class PriorConfig:
                 f"model_type must be {self._expected_type!r} for {type(self).__name__}, "
                 f"got {self.model_type!r}"
             )
-        if self.vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
-        if len(self.grid) != 2 or min(self.grid) < 1:
-            raise ValueError(f"grid must be [h, w] with positive sides, got {self.grid}")
+        if not 1 <= self.vocab_size <= MAX_VOCAB:
+            raise ValueError(f"vocab_size must be in [1, {MAX_VOCAB}], got {self.vocab_size}")
+        if len(self.grid) != 2 or not all(1 <= side <= MAX_GRID_SIDE for side in self.grid):
+            raise ValueError(
+                f"grid must be [h, w] with sides in [1, {MAX_GRID_SIDE}], got {self.grid}"
+            )
+        if self.seq_len > MAX_SEQ_LEN:
+            raise ValueError(
+                f"grid {self.grid} has {self.seq_len} positions, more than {MAX_SEQ_LEN}"
+            )
+        self._check_trunk()
         if self.cond not in ("class", "text", "none"):
             raise ValueError(f"cond must be 'class', 'text' or 'none', got {self.cond!r}")
         if self.cond == "class" and self.num_classes < 1:
@@ -151,6 +167,22 @@ class PriorConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self._check_tokenizer_fields()
+
+    def _check_trunk(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "multiple_of"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("mlp_ratio", "norm_eps", "rope_base", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.cond == "class" and self.num_classes > MAX_VOCAB:
+            raise ValueError(f"num_classes must be <= {MAX_VOCAB}, got {self.num_classes}")
+        approx = 12 * self.n_layers * self.dim**2 + 2 * self.vocab_size * self.dim
+        if approx > MAX_PARAMS:
+            raise ValueError(
+                f"dim={self.dim} x n_layers={self.n_layers} is about {approx:.2g} parameters, "
+                f"more than {MAX_PARAMS:.0g}"
+            )
 
     def _check_tokenizer_fields(self) -> None:
         tok = self.tokenizer
@@ -231,8 +263,8 @@ class RQTransformerConfig(PriorConfig):
     _expected_type = "rq_transformer"
 
     def __post_init__(self) -> None:
-        if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if not 1 <= self.depth <= 64:
+            raise ValueError(f"depth must be in [1, 64], got {self.depth}")
         if self.depth_layers < 1:
             raise ValueError(f"depth_layers must be >= 1, got {self.depth_layers}")
         super().__post_init__()

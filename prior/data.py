@@ -34,7 +34,7 @@ class PriorDataConfig:
     """Token export (fast) or image source + tokenizer (encoded on the fly); the held-out split."""
 
     tokens: str = ""  # token export directory
-    val_tokens: str = ""  # separate held-out export (view 0 rows); else val_fraction of tokens
+    val_tokens: str | None = None  # separate held-out export (view 0 rows); else val_fraction
     val_fraction: float = 0.05  # of source images (all their views leave the training set)
     max_val_samples: int = 512
     source: str = ""  # image source for on-the-fly encoding when tokens == ""

@@ -16,10 +16,14 @@ from prior.blocks import (
 )
 from prior.conditioning import Condition
 from prior.configs import GPTConfig
+from training.serialization import SafetensorsConfigMixin
 
 
-class GPT(nn.Module, PyTorchModelHubMixin, CachedPriorMixin):
+class GPT(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin, CachedPriorMixin):
     """Decoder-only Llama over codes [B, N] with a class / text / start-token prefix."""
+
+    _config_schema = GPTConfig
+    _hub_downloads = False
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()

@@ -19,6 +19,7 @@ from prior.blocks import (
 )
 from prior.conditioning import Condition
 from prior.configs import MaskGITConfig
+from training.serialization import SafetensorsConfigMixin
 
 
 def cosine_schedule(r: Tensor | float) -> Tensor | float:
@@ -63,8 +64,11 @@ def masked_loss(
     return loss, metrics
 
 
-class MaskGIT(nn.Module, PyTorchModelHubMixin, PriorMixin):
+class MaskGIT(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin, PriorMixin):
     """Bidirectional Llama trunk over [prefix, codes with MASK] -> logits over the codebook."""
+
+    _config_schema = MaskGITConfig
+    _hub_downloads = False
 
     def __init__(self, config: MaskGITConfig) -> None:
         super().__init__()

@@ -21,10 +21,14 @@ from prior.blocks import (
 from prior.conditioning import Condition
 from prior.configs import RQTransformerConfig
 from prior.rope import rope_table
+from training.serialization import SafetensorsConfigMixin
 
 
-class RQTransformer(nn.Module, PyTorchModelHubMixin, CachedPriorMixin):
+class RQTransformer(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin, CachedPriorMixin):
     """Spatial (positions) + depth (codes of one position) Llama trunks."""
+
+    _config_schema = RQTransformerConfig
+    _hub_downloads = False
 
     def __init__(self, config: RQTransformerConfig) -> None:
         super().__init__()

@@ -37,7 +37,6 @@ from training.ema import EMA
 from training.loop import StepOutput, TrainLoop, optimizer_step
 from training.runtime import build_accelerator, build_optimizer
 from training.schedule import warmup_cosine
-from training.serialization import atomic_dir
 
 # sampler(model, cond, uncond, generator) -> codes Long [B, N] or [B, N, D]
 Sampler = Callable[[nn.Module, Condition, Condition, torch.Generator], Tensor]
@@ -194,84 +193,93 @@ def train(cfg: PriorTrainConfig, args: CliArgs, sampler: Sampler | None = None) 
     if ema is not None:
         acc.register_for_checkpointing(ema)
     loop = TrainLoop(acc, cfg.runtime, out)
-    loop.resume(args.resume)
-    if acc.is_main_process:  # after every check and the resume: a failed start rewrites nothing
-        resolved = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, **{cfg.model.type: prior_cfg})
-        )
-        save_config(resolved, out / "config.yaml")
-    if cfg.runtime.tracker != "none":
-        acc.init_trackers("prior")
-
-    def train_step(batch: dict[str, Any]) -> StepOutput:
-        batch = data.to_tokens(batch)
-        with acc.accumulate(objective):
-            res = objective(batch["codes"], batch["label"], batch["caption"])
-            step = optimizer_step(
-                acc, objective, optimizer, scheduler, res["loss"], cfg.optim.grad_clip
+    try:
+        loop.resume(args.resume)
+        if acc.is_main_process:  # after every check and the resume: a failed start rewrites nothing
+            resolved = dataclasses.replace(
+                cfg, model=dataclasses.replace(cfg.model, **{cfg.model.type: prior_cfg})
             )
-        if not step.skipped:
-            step.metrics["accuracy"] = float(res["correct"].sum() / res["count"].sum().clamp(min=1))
-            if ema is not None and acc.sync_gradients:
-                ema.update(acc.unwrap_model(objective).prior)
-        return step
+            save_config(resolved, out / "config.yaml")
+        if cfg.runtime.tracker != "none":
+            acc.init_trackers("prior")
 
-    @torch.no_grad()
-    def evaluate(step: int) -> None:
-        if val_loader is None:
-            return
-        objective.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
-        generator = torch.Generator().manual_seed(cfg.runtime.seed + 1)  # same masks every eval
-        for batch in val_loader:
+        def train_step(batch: dict[str, Any]) -> StepOutput:
             batch = data.to_tokens(batch)
-            res = objective(batch["codes"], batch["label"], batch["caption"], generator=generator)
-            nll, correct, count = acc.gather_for_metrics(
-                (res["nll_sum"], res["correct"], res["count"])
-            )
-            sums += torch.stack([nll.sum(), correct.sum(), count.sum()]).double()
-        objective.train()
-        total = max(float(sums[2]), 1.0)
-        loop.log.log(
-            step, {"val_loss": float(sums[0]) / total, "val_accuracy": float(sums[1]) / total}
-        )
-
-    def sampling_model() -> nn.Module | None:
-        """A plain full copy of the current (EMA) weights on the main process; None elsewhere."""
-        if ema is not None:
-            return copy.deepcopy(ema.shadow).to(acc.device).eval() if acc.is_main_process else None
-        if _sharded(acc):
-            state = acc.get_state_dict(objective)  # collective: every rank calls it
-        else:
-            state = acc.unwrap_model(objective).state_dict() if acc.is_main_process else None
-        if not acc.is_main_process:
-            return None
-        fresh = build_prior(dataclasses.replace(prior_cfg, gradient_checkpointing=False))
-        fresh.load_state_dict(_strip(state))
-        return fresh.float().to(acc.device).eval()
-
-    @torch.no_grad()
-    def make_samples(step: int) -> None:
-        model = sampling_model()
-        if acc.is_main_process and model is not None and sampler is not None:
-            if sample_tok is not None:
-                codes = _sample_codes(
-                    model, prior_cfg, cfg.sample, data.captions, sampler, acc.device
+            with acc.accumulate(objective):
+                res = objective(batch["codes"], batch["label"], batch["caption"])
+                step = optimizer_step(
+                    acc, objective, optimizer, scheduler, res["loss"], cfg.optim.grad_clip
                 )
-                h, w = prior_cfg.grid
-                codes = codes.reshape(codes.shape[0], h, w, *codes.shape[2:])  # [B, h, w(, D)]
-                images = sample_tok.decode(codes)
-                save_grid(images, out / "samples" / f"step_{step:06d}.png", cfg.sample.per_row)
-        acc.wait_for_everyone()
+            if not step.skipped:
+                step.metrics["accuracy"] = float(
+                    res["correct"].sum() / res["count"].sum().clamp(min=1)
+                )
+                if ema is not None and acc.sync_gradients:
+                    ema.update(acc.unwrap_model(objective).prior)
+            return step
 
-    hooks = {
-        "eval": rng_neutral(evaluate, acc.device),
-        "sample": rng_neutral(make_samples, acc.device),
-    }
-    loop.run(train_loader, train_step, hooks=hooks)
-    final = save_final(acc, objective, ema, prior_cfg, out)
-    acc.end_training()
-    return final
+        @torch.no_grad()
+        def evaluate(step: int) -> None:
+            if val_loader is None:
+                return
+            objective.eval()
+            sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
+            generator = torch.Generator().manual_seed(cfg.runtime.seed + 1)  # same masks every eval
+            for batch in val_loader:
+                batch = data.to_tokens(batch)
+                res = objective(
+                    batch["codes"], batch["label"], batch["caption"], generator=generator
+                )
+                nll, correct, count = acc.gather_for_metrics(
+                    (res["nll_sum"], res["correct"], res["count"])
+                )
+                sums += torch.stack([nll.sum(), correct.sum(), count.sum()]).double()
+            objective.train()
+            total = max(float(sums[2]), 1.0)
+            loop.log.log(
+                step, {"val_loss": float(sums[0]) / total, "val_accuracy": float(sums[1]) / total}
+            )
+
+        def sampling_model() -> nn.Module | None:
+            """A plain full copy of the current (EMA) weights on the main process; None elsewhere."""
+            if ema is not None:
+                return (
+                    copy.deepcopy(ema.shadow).to(acc.device).eval() if acc.is_main_process else None
+                )
+            if _sharded(acc):
+                state = acc.get_state_dict(objective)  # collective: every rank calls it
+            else:
+                state = acc.unwrap_model(objective).state_dict() if acc.is_main_process else None
+            if not acc.is_main_process:
+                return None
+            fresh = build_prior(dataclasses.replace(prior_cfg, gradient_checkpointing=False))
+            fresh.load_state_dict(_strip(state))
+            return fresh.float().to(acc.device).eval()
+
+        @torch.no_grad()
+        def make_samples(step: int) -> None:
+            model = sampling_model()
+            if acc.is_main_process and model is not None and sampler is not None:
+                if sample_tok is not None:
+                    codes = _sample_codes(
+                        model, prior_cfg, cfg.sample, data.captions, sampler, acc.device
+                    )
+                    h, w = prior_cfg.grid
+                    codes = codes.reshape(codes.shape[0], h, w, *codes.shape[2:])  # [B, h, w(, D)]
+                    images = sample_tok.decode(codes)
+                    save_grid(images, out / "samples" / f"step_{step:06d}.png", cfg.sample.per_row)
+            acc.wait_for_everyone()
+
+        hooks = {
+            "eval": rng_neutral(evaluate, acc.device),
+            "sample": rng_neutral(make_samples, acc.device),
+        }
+        loop.run(train_loader, train_step, hooks=hooks)
+        final = save_final(acc, objective, ema, prior_cfg, out)
+        acc.end_training()
+        return final
+    finally:
+        loop.close()  # the run folder's lock
 
 
 def rng_neutral(hook: Callable[[int], None], device: torch.device) -> Callable[[int], None]:
@@ -346,8 +354,7 @@ def save_final(
         weights = ema.shadow.state_dict() if ema is not None else _strip(state)
         model = build_prior(dataclasses.replace(prior_cfg, gradient_checkpointing=False))
         model.load_state_dict({k: v.float() for k, v in weights.items()})
-        with atomic_dir(final, overwrite=True) as tmp:
-            model.save_pretrained(tmp)
+        model.save_pretrained(final, overwrite=True)  # atomic
         acc.print(f"saved {final}")
     acc.wait_for_everyone()
     return final

@@ -39,6 +39,10 @@ class GuidanceSchedule:
     plausibility: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.scale < math.inf:
+            raise ValueError(
+                f"guidance scale must be a finite number >= 0 (1 = no guidance), got {self.scale}"
+            )
         if self.kind not in GUIDANCE_KINDS:
             raise ValueError(f"kind must be one of {GUIDANCE_KINDS}, got {self.kind!r}")
         if self.stop_after is not None and not 0.0 <= self.stop_after <= 1.0:

@@ -7,6 +7,7 @@ same thing in plain AR, speculative, Jacobi and MaskGIT decoding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,10 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}"
+            )
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -46,7 +49,7 @@ def process_logits(
     temperature 0 keeps only the argmax, so the softmax is the greedy one-hot distribution and
     every algorithm built on distributions (speculative acceptance included) becomes greedy.
     """
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+    if not 0.0 <= temperature < math.inf or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(
             f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
             f"top_p={top_p} (in (0, 1])"

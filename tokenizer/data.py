@@ -226,8 +226,8 @@ def _folder_dataset(path: Path, split: str, cfg: DataConfig) -> datasets.Dataset
     )
     if not files:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {root}")
+    files, labelled = _labelled_files(files, root, cfg.strict)
     rel = [p.relative_to(root).parts for p in files]
-    labelled = all(len(parts) >= 2 for parts in rel)
     names = sorted({parts[0] for parts in rel}) if labelled else []
     captions = _read_metadata(root, cfg.caption_column or "caption")
     features = datasets.Features(
@@ -245,6 +245,32 @@ def _folder_dataset(path: Path, split: str, cfg: DataConfig) -> datasets.Dataset
         },
         features=features,
     )
+
+
+def _labelled_files(files: list[Path], root: Path, strict: bool) -> tuple[list[Path], bool]:
+    """(files to use, labelled?). Class subfolders label their images; images at the root of a
+    folder that also has class subfolders are strays: named in a warning and left out (an error
+    when `strict`), rather than silently turning every label off. When the root holds more
+    images than the subfolders, the folder is taken as unlabelled (also with a warning)."""
+    at_root = [p for p in files if p.parent == root]
+    if not at_root or len(at_root) == len(files):
+        return files, not at_root
+    shown = ", ".join(p.name for p in at_root[:5]) + (" ..." if len(at_root) > 5 else "")
+    if strict:
+        raise ValueError(
+            f"{root}: {len(at_root)} image(s) at the root of a folder with class subfolders "
+            f"({shown}): move them into a class folder or remove them"
+        )
+    if len(at_root) > len(files) - len(at_root):
+        warnings.warn(f"{root}: images both at the root and in subfolders; treating the folder as "
+                      f"unlabelled (subfolders ignored as classes)", stacklevel=4)  # fmt: skip
+        return files, False
+    warnings.warn(
+        f"{root}: skipped {len(at_root)} image(s) at the root of a folder with class "
+        f"subfolders ({shown}); labels come from the subfolders",
+        stacklevel=4,
+    )
+    return [p for p in files if p.parent != root], True
 
 
 def _hub_offline() -> bool:

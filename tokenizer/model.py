@@ -21,6 +21,9 @@ from tokenizer.quantizers import QuantizerConfig, QuantizerOutput, build_quantiz
 from training.config import from_dict
 from training.serialization import SafetensorsConfigMixin
 
+MAX_RESOLUTION = 8192
+MAX_WIDTH = 8192  # channels
+
 
 @dataclass
 class TokenizerConfig:
@@ -54,9 +57,15 @@ class TokenizerConfig:
             raise ValueError(
                 f"resolution={self.resolution} must be a multiple of the downsampling factor {self.factor}"
             )
+        if not 1 <= self.resolution <= MAX_RESOLUTION:
+            raise ValueError(f"resolution must be in [1, {MAX_RESOLUTION}], got {self.resolution}")
         for name in ("in_channels", "encoder_channels", "decoder_channels", "latent_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_WIDTH:
+                raise ValueError(f"{name} must be in [1, {MAX_WIDTH}], got {getattr(self, name)}")
+        if any(not 1 <= m <= 64 for m in self.ch_mult):
+            raise ValueError(f"ch_mult entries must be in [1, 64], got {self.ch_mult}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.encoder_config()  # validates norm_groups against the widths
         self.decoder_config()
 
@@ -92,6 +101,22 @@ class TokenizerConfig:
             dropout=self.dropout,
             movq=self.movq,
         )
+
+
+PIXEL_TOLERANCE = 1e-3  # resampling and float round-off may step just outside [-1, 1]
+
+
+def check_pixel_range(images: torch.Tensor) -> None:
+    """Images must be finite and in [-1, 1]: NaN encodes silently to code 0, and pixels in
+    [0, 255] quantize to garbage."""
+    if images.numel() == 0:
+        return
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("images contain NaN or inf values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1 - PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
+        hint = " (uint8 pixels map to [-1, 1] as x / 127.5 - 1)" if hi > 2 else ""
+        raise ValueError(f"images must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}")
 
 
 @dataclass
@@ -190,6 +215,8 @@ class Tokenizer(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
         """[B, C, H, W] in [-1, 1] -> codes [B, h, w] (or [B, h, w, D]).
 
         Call in eval mode: in train mode the quantizer updates its statistics (EMA, restarts)."""
+        self._check_images(images)
+        check_pixel_range(images)
         return self.quantize(images).codes
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:

@@ -269,69 +269,74 @@ def train(cfg: TokenizerTrainConfig, args: CliArgs) -> dict[str, float]:
         ema.shadow.to(acc.device)
         acc.register_for_checkpointing(ema)
     loop = TrainLoop(acc, cfg.runtime, output_dir)
-    loop.resume(args.resume)
-    if acc.is_main_process:  # after the data and the resume: a failed start rewrites nothing
-        save_config(cfg, output_dir / "config.yaml")
-        if cfg.runtime.tracker != "none":
-            acc.init_trackers("tokenizer")
+    try:
+        loop.resume(args.resume)
+        if acc.is_main_process:  # after the data and the resume: a failed start rewrites nothing
+            save_config(cfg, output_dir / "config.yaml")
+            if cfg.runtime.tracker != "none":
+                acc.init_trackers("tokenizer")
 
-    def eval_model() -> Tokenizer:
-        return ema.shadow if ema is not None else raw_model
+        def eval_model() -> Tokenizer:
+            return ema.shadow if ema is not None else raw_model
 
-    def train_step(batch: dict) -> StepOutput:
-        images = batch["image"]  # [B, 3, H, W] in [-1, 1]
-        step = loop.state.step  # optimizer steps done before this one
-        metrics: dict[str, float | torch.Tensor] = {}
-        with acc.accumulate(model, disc):
-            with frozen(raw_disc):
-                out = model(images)
-                g = loss_fn.generator_loss(
-                    images, out.recon, out.quant_loss, step, last_layer=raw_model.last_layer
+        def train_step(batch: dict) -> StepOutput:
+            images = batch["image"]  # [B, 3, H, W] in [-1, 1]
+            step = loop.state.step  # optimizer steps done before this one
+            metrics: dict[str, float | torch.Tensor] = {}
+            with acc.accumulate(model, disc):
+                with frozen(raw_disc):
+                    out = model(images)
+                    g = loss_fn.generator_loss(
+                        images, out.recon, out.quant_loss, step, last_layer=raw_model.last_layer
+                    )
+                result = optimizer_step(
+                    acc, model, optimizer, scheduler, g.loss, cfg.optim.grad_clip
                 )
-            result = optimizer_step(acc, model, optimizer, scheduler, g.loss, cfg.optim.grad_clip)
-            if loss_fn.gan_active(step):
-                recon = out.recon.detach()
-                logits_real, logits_fake = disc(images), disc(recon)  # DDP syncs these grads
-                d_loss = hinge_d_loss(logits_real, logits_fake)
-                d = optimizer_step(
-                    acc, disc, d_optimizer, d_scheduler, d_loss, cfg.disc_optim.grad_clip
-                )
-                metrics.update({f"d_{k}": v for k, v in d.metrics.items()})
-                metrics["d_skipped"] = float(d.skipped)
-                metrics["logits_real"] = logits_real.detach().float().mean()
-                metrics["logits_fake"] = logits_fake.detach().float().mean()
-        if ema is not None and acc.sync_gradients and not result.skipped:
-            ema.update(raw_model)
-        if not result.skipped:
-            metrics.update(g.logs)
-            metrics.update({f"quant/{k}": v for k, v in out.metrics.items()})
-        metrics.update(result.metrics)
-        return StepOutput(_scalars(acc, metrics), skipped=result.skipped)
+                if loss_fn.gan_active(step):
+                    recon = out.recon.detach()
+                    logits_real, logits_fake = disc(images), disc(recon)  # DDP syncs these grads
+                    d_loss = hinge_d_loss(logits_real, logits_fake)
+                    d = optimizer_step(
+                        acc, disc, d_optimizer, d_scheduler, d_loss, cfg.disc_optim.grad_clip
+                    )
+                    metrics.update({f"d_{k}": v for k, v in d.metrics.items()})
+                    metrics["d_skipped"] = float(d.skipped)
+                    metrics["logits_real"] = logits_real.detach().float().mean()
+                    metrics["logits_fake"] = logits_fake.detach().float().mean()
+            if ema is not None and acc.sync_gradients and not result.skipped:
+                ema.update(raw_model)
+            if not result.skipped:
+                metrics.update(g.logs)
+                metrics.update({f"quant/{k}": v for k, v in out.metrics.items()})
+            metrics.update(result.metrics)
+            return StepOutput(_scalars(acc, metrics), skipped=result.skipped)
 
-    def eval_hook(step: int) -> None:
-        values = evaluate(acc, eval_model(), eval_loader)
-        loop.log.log(step, {f"eval/{k}": v for k, v in values.items()})
-        acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        def eval_hook(step: int) -> None:
+            values = evaluate(acc, eval_model(), eval_loader)
+            loop.log.log(step, {f"eval/{k}": v for k, v in values.items()})
+            acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
-    def sample_hook(step: int) -> None:
+        def sample_hook(step: int) -> None:
+            if acc.is_main_process:
+                path = output_dir / "samples" / f"recon_step_{step:06d}.png"
+                recon_grid(acc, eval_model(), grid_images, path)
+
+        state = loop.run(loader, train_step, hooks={"eval": eval_hook, "sample": sample_hook})
+
+        final = eval_model()
+        results = evaluate(acc, final, eval_loader)
+        results["step"] = float(state.step)
+        sample_hook(state.step)
+        if os.environ.get(DEBUG_RANK_STATE) == "1":
+            _dump_rank_state(acc, final, output_dir)
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            path = output_dir / "samples" / f"recon_step_{step:06d}.png"
-            recon_grid(acc, eval_model(), grid_images, path)
-
-    state = loop.run(loader, train_step, hooks={"eval": eval_hook, "sample": sample_hook})
-
-    final = eval_model()
-    results = evaluate(acc, final, eval_loader)
-    results["step"] = float(state.step)
-    sample_hook(state.step)
-    if os.environ.get(DEBUG_RANK_STATE) == "1":
-        _dump_rank_state(acc, final, output_dir)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        loop.log.log(state.step, {f"eval/{k}": v for k, v in results.items()})
-        final.save_pretrained(output_dir / "final", overwrite=True)  # atomic_dir inside
-        atomic_write_text(output_dir / "eval.json", json.dumps(results, indent=2) + "\n")
-        acc.print(json.dumps(results, indent=2))
-    acc.wait_for_everyone()
-    acc.end_training()
-    return results
+            loop.log.log(state.step, {f"eval/{k}": v for k, v in results.items()})
+            final.save_pretrained(output_dir / "final", overwrite=True)  # atomic_dir inside
+            atomic_write_text(output_dir / "eval.json", json.dumps(results, indent=2) + "\n")
+            acc.print(json.dumps(results, indent=2))
+        acc.wait_for_everyone()
+        acc.end_training()
+        return results
+    finally:
+        loop.close()  # the run folder's lock

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,12 +58,39 @@ def load_config(
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    return _build(cfg, str(path or schema.__name__))
+
+
+def _build(cfg: DictConfig, source: str) -> Any:
+    """The dataclass instance (each __post_init__ validates its fields), with every float
+    checked finite: a NaN fails every `x > 0` check silently, so it is caught here once."""
     try:
-        return OmegaConf.to_object(cfg)  # runs each dataclass' __post_init__ validation
+        obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{path or schema.__name__}: {_describe(err)}") from err
-    except ValueError as err:  # a __post_init__ check (names the field): add the file
-        raise ConfigError(f"{path or schema.__name__}: {err}") from err
+        raise ConfigError(f"{source}: {_describe(err)}") from err
+    except ValueError as err:  # a __post_init__ check (names the field): add the source
+        raise ConfigError(f"{source}: {err}") from err
+    bad = non_finite_fields(obj)
+    if bad:
+        raise ConfigError(f"{source}: key '{bad[0]}' must be a finite number, got {bad[1]}")
+    return obj
+
+
+def non_finite_fields(obj: Any, prefix: str = "") -> tuple[str, float] | None:
+    """(dotted key, value) of the first NaN/inf float in a config dataclass tree, else None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (prefix, obj)
+    if isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    elif dataclasses.is_dataclass(obj):
+        items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    else:
+        return None
+    for key, value in items:
+        found = non_finite_fields(value, f"{prefix}.{key}" if prefix else str(key))
+        if found:
+            return found
+    return None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -73,10 +101,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def from_dict(schema: type[T], data: dict[str, Any], source: str = "dict") -> T:
     """Strictly rebuild a config dataclass from a dict (e.g. read from config.json)."""
     cfg = _merge(OmegaConf.structured(schema), OmegaConf.create(data), source)
-    try:
-        return OmegaConf.to_object(cfg)
-    except ValueError as err:  # a __post_init__ check (names the field): add the source
-        raise ConfigError(f"{source}: {err}") from err
+    return _build(cfg, source)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -19,15 +19,21 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch import nn
 from tqdm.auto import tqdm
 
 from training.checkpoint import CheckpointManager, TrainState
+from training.run_lock import RunFolderBusyError, RunLock, describe_stale
 from training.runtime import MetricsLog, RuntimeConfig, finite_everywhere
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a NaN/inf loss."""
+
+
+class EmptyEpochError(ValueError):
+    """An epoch yielded no batch (a dataset smaller than one batch with drop_last)."""
 
 
 @dataclass
@@ -73,7 +79,11 @@ def optimizer_step(
 
 
 class TrainLoop:
-    """Runs `train_step` over epochs of `loader` until `cfg.max_steps` optimizer steps."""
+    """Runs `train_step` over epochs of `loader` until `cfg.max_steps` optimizer steps.
+
+    Creating it takes the run folder's lock (training.run_lock) on the main process, refused on
+    every rank while another run holds it; `close()` (or leaving a `with` block) releases it.
+    """
 
     def __init__(
         self, accelerator: Accelerator, cfg: RuntimeConfig, output_dir: str | Path
@@ -82,14 +92,50 @@ class TrainLoop:
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.checkpoints = CheckpointManager(accelerator, output_dir, cfg.keep_last)
+        self.lock = self._claim_folder()
         self.log = MetricsLog(accelerator, output_dir)
         self.state = TrainState()
 
+    def _claim_folder(self) -> RunLock | None:
+        """Lock the run folder (main process) and clear what killed saves left; every rank
+        learns whether the folder was free, so a refusal stops all of them at once."""
+        acc, lock, error = self.accelerator, None, ""
+        if acc.is_main_process:
+            try:
+                lock = RunLock(self.output_dir).acquire()
+            except RunFolderBusyError as err:
+                error = str(err)
+        error = broadcast_object_list([error])[0]
+        if error:
+            raise RunFolderBusyError(error)
+        if lock is not None:
+            if lock.stale_owner:
+                acc.print(describe_stale(lock.stale_owner))
+            removed = self.checkpoints.clean_leftovers()
+            if removed:
+                acc.print(f"removed {len(removed)} leftover folder(s) of killed saves: {removed}")
+        acc.wait_for_everyone()
+        return lock
+
+    def close(self) -> None:
+        """Release the run folder (safe to call twice)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> TrainLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def resume(self, spec: str | None) -> TrainState:
-        """Load `latest` or a given checkpoint (after `accelerator.prepare`)."""
+        """Load `latest` or a given checkpoint (after `accelerator.prepare`); metrics logged
+        after that step by the interrupted run are dropped, so each step has one row."""
         path = self.checkpoints.resolve(spec)
         if path is not None:
             self.state = self.checkpoints.load(path)
+            self.log.truncate_after(self.state.step)
             self.accelerator.print(f"resumed from {path} at step {self.state.step}")
         elif spec is not None:
             self.accelerator.print("no complete checkpoint found; starting fresh")
@@ -119,6 +165,7 @@ class TrainLoop:
         )
         running: dict[str, list[float]] = {}
         while state.step < cfg.max_steps:
+            start = state.batches_in_epoch
             for batch in self._batches(loader):
                 out = train_step(batch)
                 state.batches_in_epoch += 1
@@ -133,6 +180,8 @@ class TrainLoop:
                 if state.step >= cfg.max_steps:
                     break
             else:
+                if state.batches_in_epoch == start == 0:
+                    raise EmptyEpochError(_empty_epoch_message(loader, self.accelerator))
                 state.epoch += 1
                 state.batches_in_epoch = 0
         bar.close()
@@ -171,3 +220,14 @@ class TrainLoop:
             hooks["sample"](step)
         if step % self.cfg.save_every == 0 and self.state.bad_in_row == 0:
             self.checkpoints.save(self.state)
+
+
+def _empty_epoch_message(loader, accelerator: Accelerator) -> str:
+    dataset = getattr(loader, "dataset", None)
+    size = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else "unknown"
+    batch = getattr(loader, "total_batch_size", None) or getattr(loader, "batch_size", None)
+    return (
+        f"an epoch yielded no batch: the dataset has {size} rows but one batch needs {batch} "
+        f"(runtime.batch_size x {accelerator.num_processes} process(es), incomplete batches are "
+        f"dropped); lower runtime.batch_size or add data"
+    )

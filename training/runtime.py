@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from accelerate.utils import (
     set_seed,
 )
 from torch import nn
+
+from training.serialization import atomic_write_text
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -55,11 +58,17 @@ class RuntimeConfig:
             "max_steps",
             "batch_size",
             "gradient_accumulation_steps",
+            "log_every",
+            "eval_every",
+            "sample_every",
             "save_every",
+            "keep_last",
             "max_bad_steps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"runtime.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"runtime.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -75,10 +84,20 @@ class OptimConfig:
     ema_decay: float = 0.0  # 0 disables the EMA
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2:
-            raise ValueError(f"optim.betas must have 2 values, got {self.betas}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be 2 values in [0, 1), got {self.betas}")
+        if not 0.0 <= self.weight_decay < math.inf:
+            raise ValueError(f"optim.weight_decay must be finite and >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.grad_clip < math.inf:
+            raise ValueError(
+                f"optim.grad_clip must be finite and >= 0 (0 = off), got {self.grad_clip}"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -148,9 +167,26 @@ class MetricsLog:
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (by a run killed later than its last checkpoint), so a
+        resumed run leaves one row per step."""
+        if not (self.accelerator.is_main_process and self.path.is_file()):
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and _row_step(line) <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
     def log(self, step: int, values: dict[str, Any]) -> None:
         values = {k: float(v) for k, v in values.items()}
         self.accelerator.log(values, step=step)
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except (ValueError, AttributeError):
+        return math.inf  # a torn last line of a killed run: dropped

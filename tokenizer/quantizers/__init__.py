@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 KINDS = ("vq", "rq", "fsq")
+MAX_CODES = 2**16  # token exports store codes as uint16
+MAX_DEPTH = 64
 ESTIMATORS = ("ste", "rotation")
 
 
@@ -62,8 +64,15 @@ class QuantizerConfig:
             raise ValueError(f"usage_window must be >= 1, got {self.usage_window}")
         if self.chunk_size < 0:
             raise ValueError(f"chunk_size must be >= 0 (0 = unchunked), got {self.chunk_size}")
-        if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if not 1 <= self.depth <= MAX_DEPTH:
+            raise ValueError(f"depth must be in [1, {MAX_DEPTH}], got {self.depth}")
+        if self.codebook_dim is not None and self.codebook_dim > 2**14:
+            raise ValueError(f"codebook_dim must be <= {2**14}, got {self.codebook_dim}")
+        if self.num_codes > MAX_CODES:
+            raise ValueError(
+                f"the codebook has {self.num_codes} codes, more than {MAX_CODES} "
+                f"(token exports store codes as uint16)"
+            )
         if self.kind == "fsq":
             self._check_fsq()
         else:

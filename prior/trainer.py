@@ -21,7 +21,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, DummyOptim, DummyScheduler, gather_object
 from omegaconf import OmegaConf
-from PIL import Image
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
@@ -31,6 +30,7 @@ from prior.data import PriorData, check_info, check_labels, load_data
 from prior.loading import load_prior, prior_classes
 from prior.objective import PriorObjective
 from prior.train_config import PriorTrainConfig, SampleConfig, resolve_prior_config
+from tokenizer.images import image_grid, save_png, to_pil
 from tokenizer.model import Tokenizer
 from training.config import CliArgs, from_dict, save_config
 from training.ema import EMA
@@ -139,17 +139,7 @@ def weights_digest(acc: Accelerator, model: nn.Module) -> str:
 
 def save_grid(images: Tensor, path: Path, per_row: int) -> None:
     """images [B, 3, H, W] in [-1, 1] -> one PNG, `per_row` per row, 2 px black gutters."""
-    imgs = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    b, c, h, w = imgs.shape
-    rows = -(-b // per_row)
-    canvas = torch.zeros(c, rows * (h + 2) + 2, per_row * (w + 2) + 2, dtype=torch.uint8)
-    for i in range(b):
-        r, q = divmod(i, per_row)
-        canvas[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + q * (w + 2) : 2 + q * (w + 2) + w] = (
-            imgs[i]
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(path)
+    save_png(image_grid(to_pil(images), per_row, gap=2), path)
 
 
 # ---- the run ------------------------------------------------------------------------------------

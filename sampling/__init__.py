@@ -1,4 +1,4 @@
-"""Decoding algorithms over a prior's tokens (and, later, the prompt -> image Pipeline)."""
+"""Decoding algorithms over a prior's tokens and the prompt -> image Pipeline built on them."""
 
 from sampling.autoregressive import GuidedPrior, compile_decode, generate_ar, generate_rq
 from sampling.guidance import GuidanceSchedule, guide, guide_batch

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
@@ -27,6 +26,7 @@ from sampling.relaxed import RelaxedAcceptance
 from sampling.speculative import generate_speculative
 from sampling.stats import SpeculativeStats
 from tokenizer import Tokenizer
+from tokenizer.images import to_pil, to_uint8
 
 METHODS = ("ar", "speculative", "relaxed", "jacobi", "maskgit")
 OUTPUT_TYPES = ("pil", "np", "codes")
@@ -42,29 +42,6 @@ class PipelineOutput:
     prompts: list[Prompt] = field(default_factory=list)
     stats: SpeculativeStats | None = None
     reveal_counts: list[int] | None = None
-
-
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [-1, 1] -> PIL RGB images."""
-    return [Image.fromarray(a) for a in to_uint8(images)]
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return rearrange(x, "b c h w -> b h w c").cpu().numpy()
-
-
-def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
-    """Tile equally sized images row by row into one picture."""
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
-    return grid
 
 
 class Pipeline:
@@ -103,6 +80,11 @@ class Pipeline:
     @property
     def device(self) -> torch.device:
         return next(self.prior.parameters()).device
+
+    @property
+    def default_method(self) -> str:
+        """The decoding a prior is made for: "maskgit" for MaskGIT, "ar" otherwise."""
+        return "maskgit" if isinstance(self.prior, MaskGIT) else "ar"
 
     @property
     def class_names(self) -> list[str]:

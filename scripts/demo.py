@@ -23,17 +23,14 @@ from pathlib import Path
 
 import torch
 
+from evaluation.judge import dataset_images
+from evaluation.judge_cache import load_or_train_judge
+from evaluation.plots import plot_guidance
+from evaluation.real_data import real_data
+from evaluation.runner import SampleOptions, evaluate_generation
 from sampling import Pipeline
-from sampling.evaluation import (
-    SampleOptions,
-    evaluate_generation,
-    evaluate_tokenizer,
-    load_or_train_judge,
-    plot_guidance,
-    real_data,
-)
-from sampling.judge import dataset_images
-from sampling.pipeline import image_grid, to_pil
+from tokenizer.images import image_grid, to_pil
+from tokenizer.metrics import reconstruction_metrics
 from training.config import parse_cli
 from training.serialization import atomic_write_text
 
@@ -173,8 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     data = real_data(cfg.data, cfg.resolution)
     metrics: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-    metrics["tokenizer"] = evaluate_tokenizer(
-        pipe.tokenizer, dataset_images(data.heldout).to(device)
+    metrics["tokenizer"] = reconstruction_metrics(
+        pipe.tokenizer, dataset_images(data.heldout).split(64)
     )
     metrics["sampling"] = sample_grids(cfg, pipe, out)
     judge, judge_report = load_or_train_judge(out / "judge", data)

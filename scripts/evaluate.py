@@ -22,15 +22,13 @@ from typing import Any
 
 import torch
 
-from sampling.evaluation import (
-    SampleOptions,
-    evaluate_generation,
-    evaluate_tokenizer,
-    load_or_train_judge,
-    plot_guidance,
-    real_data,
-)
-from sampling.judge import JudgeTrainConfig, dataset_images
+from evaluation.judge import JudgeTrainConfig, dataset_images
+from evaluation.judge_cache import load_or_train_judge
+from evaluation.plots import plot_guidance
+from evaluation.real_data import real_data
+from evaluation.runner import SampleOptions, evaluate_generation
+from tokenizer.images import image_grid, to_pil
+from tokenizer.metrics import reconstruction_metrics
 from tokenizer.model import Tokenizer
 from training.serialization import atomic_write_text
 
@@ -73,19 +71,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = args.out.parent
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    inception = None
-    if args.inception_weights is not None:
-        from sampling.inception import load_inception
-
-        inception = load_inception(args.inception_weights).to(args.device)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     start = time.perf_counter()
     held = dataset_images(data.heldout)
-    metrics["tokenizer"] = evaluate_tokenizer(tokenizer, held, args.batch_size, inception)
+    keep = None if args.inception_weights is None else lambda x, r: pairs.append((x.cpu(), r.cpu()))
+    metrics["tokenizer"] = reconstruction_metrics(
+        tokenizer, held.split(args.batch_size), on_batch=keep
+    )
+    if args.inception_weights is not None:
+        from evaluation.inception import fid, load_inception
+
+        inception = load_inception(args.inception_weights).to(args.device)
+        real, recon = (torch.cat(t) for t in zip(*pairs))
+        metrics["tokenizer"]["rfid"] = fid(inception, real, recon, args.batch_size)
     metrics["tokenizer"]["seconds"] = time.perf_counter() - start
     print("tokenizer:", json.dumps(metrics["tokenizer"]))
 
     if args.prior is not None:
-        from sampling.pipeline import Pipeline, image_grid, to_pil
+        from sampling.pipeline import Pipeline
 
         train_cfg = JudgeTrainConfig(steps=args.judge_steps, seed=args.seed)
         judge, report = load_or_train_judge(args.judge_dir or out_dir / "judge", data, train_cfg)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from sampling import Pipeline
-from sampling.pipeline import METHODS, image_grid
+from sampling.pipeline import METHODS
+from tokenizer.images import image_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,20 +10,16 @@ import pytest
 import torch
 from scipy import linalg
 
-from sampling.evaluation import (
-    RealData,
-    SampleOptions,
-    accuracy_from_predictions,
-    balanced_prompts,
-    class_accuracy,
-    evaluate_generation,
-    load_or_train_judge,
-    plot_guidance,
-)
-from sampling.frechet import frechet_distance, frechet_from_stats
-from sampling.inception import inception_score, load_inception
-from sampling.judge import Judge, JudgeConfig, JudgeTrainConfig, dataset_images
-from sampling.shapes_check import check_shapes, parse_prompt, read_image
+from evaluation.frechet import frechet_distance, frechet_from_stats
+from evaluation.inception import inception_score, load_inception
+from evaluation.judge import Judge, JudgeConfig, JudgeTrainConfig, dataset_images
+from evaluation.judge_cache import load_or_train_judge
+from evaluation.plots import plot_guidance
+from evaluation.prompts import balanced_prompts
+from evaluation.real_data import RealData
+from evaluation.runner import SampleOptions, evaluate_generation
+from evaluation.scores import accuracy_from_predictions, class_accuracy
+from evaluation.shapes_check import check_shapes, parse_prompt, read_image
 from tokenizer.embedded import load_embedded, load_shapes
 
 

@@ -25,7 +25,6 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from datasets.arrow_writer import ArrowWriter
@@ -34,6 +33,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tokenizer.data import ImageTransform, make_dataloader
+from tokenizer.images import affine_warp
 from tokenizer.model import Tokenizer
 from training.serialization import atomic_dir
 
@@ -110,14 +110,9 @@ def view_params(seed: int, index: int, view: int, aug: AugmentConfig) -> list[fl
 def augment_views(images: torch.Tensor, params: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
     """Warp images [B, C, H, W] by params [B, 5] (see `view_params`); identity rows stay exact."""
     angle, scale, tx, ty, flip = params.to(images.device, torch.float32).unbind(-1)  # each [B]
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    sign = 1.0 - 2.0 * flip  # -1 mirrors x
-    theta = torch.stack(
-        [torch.stack([cos * sign, -sin, tx], -1), torch.stack([sin * sign, cos, ty], -1)], dim=1
-    )  # [B, 2, 3]: output grid -> input sampling location
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    warped = F.grid_sample(
-        images.float(), grid, mode=aug.interpolation, padding_mode=aug.padding, align_corners=False
+    shift = torch.stack([tx, ty], -1)  # [B, 2]
+    warped = affine_warp(
+        images.float(), angle, scale, shift, flip=flip, mode=aug.interpolation, padding=aug.padding
     )
     identity = (params == torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0])).all(-1).to(images.device)
     return torch.where(identity[:, None, None, None], images, warped.to(images.dtype))

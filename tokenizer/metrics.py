@@ -6,7 +6,9 @@ numbers compare across papers that report PSNR/SSIM on [0, 1] (data range 1).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -92,3 +94,54 @@ def perplexity(histogram: torch.Tensor) -> float:
     p = histogram.double() / total
     p = p[p > 0]
     return float(math.exp(-(p * p.log()).sum().item()))
+
+
+PSNR_CAP = 100.0  # dB; an exact reconstruction would otherwise give inf
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    tokenizer: torch.nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> dict[str, float]:
+    """PSNR and SSIM (means over images; PSNR capped at 100 dB per image), codebook usage and
+    perplexity of a tokenizer over batches of images [B, 3, H, W] in [-1, 1].
+
+    `tokenizer` is a plain module (never DDP-wrapped): in eval mode its quantizer runs no
+    collectives, so ranks may see different numbers of batches; `reduce(t)` sums a tensor over
+    ranks (distributed evaluation). `on_batch(images, recon)` sees every batch (e.g. to collect
+    them for rFID, which lives in evaluation/). SSIM needs images of >= 11 px."""
+    was_training = tokenizer.training
+    tokenizer.eval()
+    device = next(tokenizer.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # psnr, ssim, images
+    hist = torch.zeros(tokenizer.codebook_size, dtype=torch.long, device=device)
+    for images in batches:
+        images = images.to(device)
+        with autocast():
+            out = tokenizer(images)
+        recon = out.recon.float().clamp(-1, 1)
+        sums[0] += psnr(images, recon).clamp(max=PSNR_CAP).double().sum()
+        if min(images.shape[-2:]) >= 11:
+            sums[1] += ssim(images, recon).double().sum()
+        sums[2] += images.shape[0]
+        hist += code_histogram(out.codes, tokenizer.codebook_size)
+        if on_batch is not None:
+            on_batch(images, recon)
+    tokenizer.train(was_training)
+    if reduce is not None:
+        sums, hist = reduce(sums), reduce(hist)
+    n = max(float(sums[2]), 1.0)
+    metrics = {
+        "psnr": float(sums[0]) / n,
+        "ssim": float(sums[1]) / n,
+        "codebook_usage": codebook_usage(hist),
+        "perplexity": perplexity(hist),
+        "codebook_size": float(tokenizer.codebook_size),
+        "images": float(sums[2]),
+    }
+    return metrics

@@ -23,17 +23,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tokenizer.data import DataConfig, ImageTransform, load_image_dataset, make_dataloader
+from tokenizer.images import image_grid, save_png, to_pil
 from tokenizer.losses import LossConfig, TokenizerLoss, hinge_d_loss
-from tokenizer.metrics import code_histogram, codebook_usage, perplexity, psnr, ssim, to_unit
+from tokenizer.metrics import reconstruction_metrics
 from tokenizer.model import Tokenizer, TokenizerConfig
 from training.config import CliArgs, save_config
 from training.ema import EMA
@@ -43,7 +42,6 @@ from training.schedule import warmup_cosine
 from training.serialization import atomic_write_text
 
 DEBUG_RANK_STATE = "TESSERA_DEBUG_RANK_STATE"  # =1: each rank dumps its final weights + buffers
-PSNR_CAP = 100.0  # dB; an exact reconstruction would otherwise give inf
 
 
 @dataclass
@@ -131,37 +129,14 @@ def frozen(module: nn.Module):
             p.requires_grad_(flag)
 
 
-@torch.no_grad()
 def evaluate(acc: Accelerator, model: Tokenizer, loader) -> dict[str, float]:
-    """PSNR / SSIM (means over images) and code usage / perplexity over this rank's loader,
-    summed across ranks. `model` is a plain module (never DDP-wrapped): eval-mode quantizers
-    run no collectives, so ranks may see different numbers of batches."""
-    was_training = model.training
-    model.eval()
-    device = acc.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # psnr, ssim, images
-    hist = torch.zeros(model.codebook_size, dtype=torch.long, device=device)
-    for batch in loader:
-        images = batch["image"].to(device)  # [B, 3, H, W]
-        with acc.autocast():
-            out = model(images)
-        recon = out.recon.float()
-        sums[0] += psnr(images, recon).clamp(max=PSNR_CAP).double().sum()
-        sums[1] += ssim(images, recon).double().sum()
-        sums[2] += images.shape[0]
-        hist += code_histogram(out.codes, model.codebook_size)
-    sums = acc.reduce(sums, reduction="sum")
-    hist = acc.reduce(hist, reduction="sum")
-    model.train(was_training)
-    n = max(float(sums[2]), 1.0)
-    return {
-        "psnr": float(sums[0]) / n,
-        "ssim": float(sums[1]) / n,
-        "codebook_usage": codebook_usage(hist),
-        "perplexity": perplexity(hist),
-        "codebook_size": float(model.codebook_size),
-        "images": float(sums[2]),
-    }
+    """Held-out metrics over this rank's loader, summed across ranks (tokenizer.metrics)."""
+    return reconstruction_metrics(
+        model,
+        (batch["image"] for batch in loader),
+        autocast=acc.autocast,
+        reduce=lambda t: acc.reduce(t, reduction="sum"),
+    )
 
 
 @torch.no_grad()
@@ -172,16 +147,8 @@ def recon_grid(acc: Accelerator, model: Tokenizer, images: torch.Tensor, path: P
     with acc.autocast():
         recon = model(images.to(acc.device)).recon.float()
     model.train(was_training)
-    rows = [to_unit(images.to(acc.device)), to_unit(recon)]  # 2 x [B, 3, H, W]
-    pad = 2
-    strips = [torch.nn.functional.pad(r, (pad, pad, pad, pad), value=0.5) for r in rows]
-    strips = [torch.cat(list(s), dim=-1) for s in strips]  # 2 x [3, H + 2p, B (W + 2p)]
-    grid = torch.cat(strips, dim=-2)  # [3, 2 (H + 2p), B (W + 2p)]
-    pixels = (grid.permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    Image.fromarray(pixels).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    cells = to_pil(images) + to_pil(recon)  # originals on top, reconstructions below
+    save_png(image_grid(cells, len(images), gap=4, border=2, background=(128, 128, 128)), path)
 
 
 def _eval_data(cfg: TokenizerTrainConfig, acc: Accelerator):

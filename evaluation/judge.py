@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from tokenizer.images import affine_warp
 from training.config import from_dict
 from training.serialization import SafetensorsConfigMixin
 
@@ -147,12 +148,7 @@ def augment(x: torch.Tensor, cfg: JudgeTrainConfig, gen: torch.Generator) -> tor
     angle = uniform(-cfg.rotate_deg, cfg.rotate_deg) * math.pi / 180
     zoom = uniform(1 - cfg.scale, 1 + cfg.scale)
     shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * 2 * cfg.translate  # normalised coords
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack(
-        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
-    )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # [B, H, W, 2]
-    x = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+    x = affine_warp(x + 1, angle, zoom, shift) - 1  # zeros of x + 1: black fill
     blurred = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
     alpha = uniform(0, 1) * (torch.rand(b, generator=gen) < cfg.blur_prob)
     x = x + alpha.view(b, 1, 1, 1) * (blurred - x)

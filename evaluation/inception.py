@@ -3,7 +3,7 @@
 Uses torch-fidelity's TF-compatible InceptionV3 (the `eval` extra: `pip install -e ".[eval]"`),
 imported lazily so the rest of Tessera never needs it; weights are never downloaded: pass the
 path of torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` (or a converted copy).
-The Fréchet maths is sampling.frechet's, on the 2048-d pool features.
+The Fréchet maths is evaluation.frechet's, on the 2048-d pool features.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sampling.frechet import frechet_distance
+from evaluation.frechet import frechet_distance
 
 WEIGHTS_HINT = (
     "torch-fidelity's weights-inception-2015-12-05-6726825d.pth, downloaded once by hand from "

@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from tokenizer.manifest import TokenizerIdentity
+
 T = TypeVar("T", bound="PriorConfig")
 
 # name -> (dim, n_layers, n_heads, multiple_of); B/L/XL are LlamaGen's GPT-B/L/XL.
@@ -27,37 +29,15 @@ MAX_SEQ_LEN = 2**16  # h * w
 MAX_PARAMS = 20e9  # far above any prior this code trains
 
 
-@dataclass
-class TokenizerInfo:
-    """Identity of the stage-1 tokenizer a prior was trained on (copied from the token manifest).
-
-    `codebook_size == 0` means "not recorded" (e.g. a prior built by hand in a test).
-    """
-
-    hash: str = ""
-    codebook_size: int = 0
-    grid: list[int] = field(default_factory=list)
-    depth: int = 1
-    class_names: list[str] = field(default_factory=list)
+TokenizerInfo = TokenizerIdentity  # the name priors' configs have always used
 
 
-def check_tokenizer(info: TokenizerInfo, tokenizer_identity: dict[str, Any]) -> None:
-    """Raise ValueError naming every field where a prior's tokenizer and `tokenizer_identity` differ.
-
-    Only the five identity fields are compared (extra manifest keys are ignored); the hash is
-    compared only when both sides recorded one.
-    """
-    diffs = []
-    for name in ("hash", "codebook_size", "grid", "depth", "class_names"):
-        if name not in tokenizer_identity:
-            continue
-        ours, theirs = getattr(info, name), tokenizer_identity[name]
-        if name == "hash" and (not ours or not theirs):
-            continue
-        if name in ("grid", "class_names"):
-            ours, theirs = list(ours), list(theirs)
-        if ours != theirs:
-            diffs.append(f"{name}: prior has {ours!r}, tokens/tokenizer have {theirs!r}")
+def check_tokenizer(info: TokenizerIdentity, identity: TokenizerIdentity | dict[str, Any]) -> None:
+    """ValueError naming every field where a prior's tokenizer and `identity` differ (strict: a
+    prior that recorded no tokenizer matches none)."""
+    if isinstance(identity, dict):
+        identity = TokenizerIdentity(**identity)
+    diffs = info.differences(identity)
     if diffs:
         raise ValueError("tokenizer mismatch: " + "; ".join(diffs))
 
@@ -121,7 +101,7 @@ class PriorConfig:
     gradient_checkpointing: bool = False
     init_std: float = 0.02
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    tokenizer: TokenizerInfo = field(default_factory=TokenizerInfo)
+    tokenizer: TokenizerIdentity = field(default_factory=TokenizerIdentity)
 
     # subclasses set this to their model_type
     _expected_type = ""
@@ -131,7 +111,7 @@ class PriorConfig:
         if isinstance(self.text, dict):
             self.text = TextEncoderConfig(**self.text)
         if isinstance(self.tokenizer, dict):
-            self.tokenizer = TokenizerInfo(**self.tokenizer)
+            self.tokenizer = TokenizerIdentity(**self.tokenizer)
         self.grid = list(self.grid)
         if self.model_type != self._expected_type:
             raise ValueError(

@@ -17,12 +17,10 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from einops import rearrange
 from torch.utils.data import DataLoader, Dataset
 
-from prior.configs import TokenizerInfo, check_tokenizer
 from tokenizer.data import DataConfig, ImageTransform, load_image_dataset, make_dataloader
-from tokenizer.export import read_manifest
+from tokenizer.manifest import TokenizerIdentity, flatten_codes, read_manifest
 from tokenizer.model import Tokenizer
 from training.runtime import RuntimeConfig
 
@@ -54,61 +52,25 @@ class PriorDataConfig:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
-def manifest_info(manifest: dict[str, Any]) -> TokenizerInfo:
-    """The TokenizerInfo a prior trained on this export records."""
-    tok = manifest["tokenizer"]
-    return TokenizerInfo(
-        hash=str(tok.get("hash", "")),
-        codebook_size=int(tok["codebook_size"]),
-        grid=[int(x) for x in tok["grid"]],
-        depth=int(tok.get("depth", 1)),
-        class_names=list(manifest.get("class_names", [])),
-    )
-
-
-def check_info(expected: TokenizerInfo | None, actual: TokenizerInfo, where: str) -> None:
-    """ValueError naming every field where `expected` (a prior's) and `actual` (data's) differ."""
-    if expected is None or expected.codebook_size == 0:
-        return  # nothing recorded on the prior's side
-    identity = {
-        "hash": actual.hash,
-        "codebook_size": actual.codebook_size,
-        "grid": list(actual.grid),
-        "depth": actual.depth,
-    }
-    if expected.class_names and actual.class_names:
-        identity["class_names"] = list(actual.class_names)
-    try:
-        check_tokenizer(expected, identity)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-
-
-def flatten_codes(codes: torch.Tensor) -> torch.Tensor:
-    """[B, h, w] -> [B, N] or [B, h, w, D] -> [B, N, D] (raster order)."""
-    if codes.dim() == 3:
-        return rearrange(codes, "b h w -> b (h w)")
-    return rearrange(codes, "b h w d -> b (h w) d")
-
-
 class TokenDataset(Dataset):
     """A token export held as uint16 codes in memory (or read from the memory-mapped Arrow files).
 
     `rows` restricts the dataset to some rows (see `split_by_image`); `expected` is the
-    TokenizerInfo of the prior that will train on it (None = accept whatever the manifest says).
+    TokenizerIdentity of the prior that will train on it (None = accept whatever the manifest says).
     """
 
     def __init__(
         self,
         path: str | Path,
-        expected: TokenizerInfo | None = None,
+        expected: TokenizerIdentity | None = None,
         rows: np.ndarray | None = None,
         in_memory: bool = True,
     ) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self.info = manifest_info(self.manifest)
-        check_info(expected, self.info, f"token export {self.path}")
+        self.info = TokenizerIdentity.from_manifest(self.manifest)
+        if expected is not None:
+            expected.check_matches(self.info, f"token export {self.path}")
         table = datasets.load_from_disk(str(self.path))
         if not isinstance(table, datasets.Dataset):
             raise ValueError(f"{self.path}: expected a single dataset, got {type(table).__name__}")
@@ -131,7 +93,7 @@ class TokenDataset(Dataset):
             raise ValueError(f"{self.path}: token export lacks columns {sorted(missing)}")
         feature = table.features["codes"]
         shape = list(getattr(feature, "shape", ()))
-        want = list(self.info.grid) + ([self.info.depth] if self.info.depth > 1 else [])
+        want = self.info.code_shape
         if shape != want:
             raise ValueError(f"{self.path}: codes have shape {shape}, manifest says {want}")
         if getattr(feature, "dtype", None) != "uint16":
@@ -267,8 +229,7 @@ class OnTheFlyTokens:
             source=source, resolution=tokenizer.config.resolution, interpolation=interpolation
         )
         self.transform = ImageTransform.from_config(self.data_cfg, train=False)
-        identity = tokenizer.identity()
-        self._identity = identity
+        self._identity = tokenizer.identity()
         self.class_names: list[str] = []
 
     def dataset(self, split: str) -> datasets.Dataset:
@@ -277,14 +238,8 @@ class OnTheFlyTokens:
         return ds
 
     @property
-    def info(self) -> TokenizerInfo:
-        return TokenizerInfo(
-            hash=self._identity["hash"],
-            codebook_size=int(self._identity["codebook_size"]),
-            grid=list(self._identity["grid"]),
-            depth=int(self._identity["depth"]),
-            class_names=list(self.class_names),
-        )
+    def info(self) -> TokenizerIdentity:
+        return self._identity.with_classes(self.class_names)
 
     def loader(
         self, ds: datasets.Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
@@ -305,7 +260,7 @@ class OnTheFlyTokens:
 class PriorData:
     """What the run trains and validates on, and how a loader batch becomes a token batch."""
 
-    info: TokenizerInfo
+    info: TokenizerIdentity
     train_loader: Any
     val_loader: Any
     captions: list[str]  # training captions (text vocabulary, sample prompts)
@@ -317,7 +272,7 @@ def load_data(d: PriorDataConfig, rt: RuntimeConfig, device: torch.device) -> Pr
     """Train / held-out loaders from an export (fast) or from images encoded on the fly."""
     if d.tokens:
         manifest = read_manifest(d.tokens)
-        info = manifest_info(manifest)
+        info = TokenizerIdentity.from_manifest(manifest)
         if d.val_tokens:
             train_rows, val_rows = None, view0_rows(d.val_tokens, d.max_val_samples)
         elif d.val_fraction > 0:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prior.conditioning import word_vocab
-from prior.configs import GPTConfig, MaskGITConfig, PriorConfig, RQTransformerConfig, TokenizerInfo
-from prior.data import PriorDataConfig, check_info
+from prior.configs import GPTConfig, MaskGITConfig, PriorConfig, RQTransformerConfig
+from prior.data import PriorDataConfig
+from tokenizer.manifest import TokenizerIdentity
 from training.runtime import OptimConfig, RuntimeConfig
 
 MODEL_TYPES = ("gpt", "maskgit", "rq_transformer")
@@ -63,13 +64,13 @@ class PriorTrainConfig:
 
 def resolve_prior_config(
     model_cfg: PriorModelConfig,
-    info: TokenizerInfo,
+    info: TokenizerIdentity,
     captions: list[str],
     gradient_checkpointing: bool,
 ) -> PriorConfig:
     """The selected config with vocab, grid, depth, classes, text vocab and tokenizer from the data."""
     cfg = model_cfg.selected()
-    check_info(cfg.tokenizer, info, f"model.{model_cfg.type}.tokenizer (pinned in the config)")
+    cfg.tokenizer.check_matches(info, f"model.{model_cfg.type}.tokenizer (pinned in the config)")
     if model_cfg.type != "rq_transformer" and info.depth != 1:
         raise ValueError(f"tokens have depth {info.depth}: train model.type=rq_transformer on them")
     if model_cfg.type == "rq_transformer" and info.depth == 1:

@@ -25,12 +25,13 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from prior.conditioning import Condition
-from prior.configs import PriorConfig, TokenizerInfo
-from prior.data import PriorData, check_info, check_labels, load_data
+from prior.configs import PriorConfig
+from prior.data import PriorData, check_labels, load_data
 from prior.loading import load_prior, prior_classes
 from prior.objective import PriorObjective
 from prior.train_config import PriorTrainConfig, SampleConfig, resolve_prior_config
 from tokenizer.images import image_grid, save_png, to_pil
+from tokenizer.manifest import TokenizerIdentity, unflatten_codes
 from tokenizer.model import Tokenizer
 from training.config import CliArgs, from_dict, save_config
 from training.ema import EMA
@@ -163,7 +164,7 @@ def train(cfg: PriorTrainConfig, args: CliArgs, sampler: Sampler | None = None) 
             raise ValueError(
                 f"model.init_from is a {start.config.model_type}, not a {prior_cfg.model_type}"
             )
-        check_info(start.config.tokenizer, data.info, f"model.init_from {cfg.model.init_from}")
+        start.config.tokenizer.check_matches(data.info, f"model.init_from {cfg.model.init_from}")
         prior.load_state_dict(start.state_dict())
     acc.print(f"prior: {prior_cfg.model_type}, {sum(p.numel() for p in prior.parameters()):,} params, "
               f"tokens {data.info.grid} x depth {data.info.depth}, vocab {data.info.codebook_size}")  # fmt: skip
@@ -254,8 +255,7 @@ def train(cfg: PriorTrainConfig, args: CliArgs, sampler: Sampler | None = None) 
                     codes = _sample_codes(
                         model, prior_cfg, cfg.sample, data.captions, sampler, acc.device
                     )
-                    h, w = prior_cfg.grid
-                    codes = codes.reshape(codes.shape[0], h, w, *codes.shape[2:])  # [B, h, w(, D)]
+                    codes = unflatten_codes(codes, prior_cfg.grid)  # [B, h, w(, D)]
                     images = sample_tok.decode(codes)
                     save_grid(images, out / "samples" / f"step_{step:06d}.png", cfg.sample.per_row)
             acc.wait_for_everyone()
@@ -283,7 +283,7 @@ def rng_neutral(hook: Callable[[int], None], device: torch.device) -> Callable[[
     return wrapped
 
 
-def check_resumed_tokens(args: CliArgs, info: TokenizerInfo) -> None:
+def check_resumed_tokens(args: CliArgs, info: TokenizerIdentity) -> None:
     """A resumed run keeps its tokenizer: the identity in the run's config.yaml must match the
     tokens' (checked before anything in the run folder is rewritten)."""
     if args.resume is None:
@@ -295,8 +295,8 @@ def check_resumed_tokens(args: CliArgs, info: TokenizerInfo) -> None:
     saved = OmegaConf.load(recorded)
     tok = OmegaConf.select(saved, f"model.{OmegaConf.select(saved, 'model.type')}.tokenizer")
     if tok is not None:
-        expected = from_dict(TokenizerInfo, OmegaConf.to_container(tok), str(recorded))
-        check_info(expected, info, f"--resume {args.resume}: the run ({recorded}) vs the tokens")
+        expected = from_dict(TokenizerIdentity, OmegaConf.to_container(tok), str(recorded))
+        expected.check_matches(info, f"--resume {args.resume}: the run ({recorded}) vs the tokens")
 
 
 def _sample_tokenizer(data: PriorData, acc: Accelerator) -> Tokenizer | None:
@@ -305,8 +305,8 @@ def _sample_tokenizer(data: PriorData, acc: Accelerator) -> Tokenizer | None:
         acc.print("no tokenizer directory (data.tokenizer): sample grids are skipped")
         return None
     tok = Tokenizer.from_pretrained(data.tokenizer_dir).to(acc.device).eval()
-    identity = TokenizerInfo(**{**tok.identity(), "class_names": data.info.class_names})
-    check_info(data.info, identity, f"tokenizer {data.tokenizer_dir} for sample grids")
+    identity = tok.identity().with_classes(data.info.class_names)
+    data.info.check_matches(identity, f"tokenizer {data.tokenizer_dir} for sample grids")
     return tok
 
 

@@ -27,6 +27,7 @@ from sampling.speculative import generate_speculative
 from sampling.stats import SpeculativeStats
 from tokenizer import Tokenizer
 from tokenizer.images import to_pil, to_uint8
+from tokenizer.manifest import unflatten_codes
 
 METHODS = ("ar", "speculative", "relaxed", "jacobi", "maskgit")
 OUTPUT_TYPES = ("pil", "np", "codes")
@@ -225,11 +226,7 @@ class Pipeline:
 
     def decode(self, codes: Tensor) -> Tensor:
         """Flat prior codes [B, N] or [B, N, D] -> images [B, 3, H, W] in [-1, 1]."""
-        h, w = self.tokenizer.grid
-        grid_codes = codes.reshape(codes.shape[0], h, w, *codes.shape[2:])
-        if self.tokenizer.codes_have_depth and grid_codes.dim() == 3:
-            grid_codes = grid_codes[..., None]  # RQ with depth 1
-        return self.tokenizer.decode(grid_codes).clamp(-1, 1)
+        return self.tokenizer.decode(unflatten_codes(codes, self.tokenizer.grid)).clamp(-1, 1)
 
     def _output(self, codes, prompts, output_type, stats, counts) -> PipelineOutput:
         if output_type == "codes":

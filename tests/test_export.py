@@ -18,9 +18,9 @@ from tokenizer.export import (
     ExportConfig,
     augment_views,
     export_tokens,
-    read_manifest,
     view_params,
 )
+from tokenizer.manifest import read_manifest
 from tokenizer.model import Tokenizer, TokenizerConfig
 from tokenizer.quantizers import QuantizerConfig
 
@@ -77,7 +77,7 @@ def test_plain_load_from_disk_uint16_and_exact_codes(vq_export):
     assert not np.array_equal(rows["codes"][1::2], rows["codes"][0::2])  # views 1 are warped
     assert list(ds["caption"][:2]) == [src["caption"][0]] * 2
     manifest = read_manifest(out)
-    assert manifest["tokenizer"] == tok.identity()
+    assert manifest["tokenizer"] == tok.identity().tokenizer_fields()
     assert manifest["num_samples"] == 24 and manifest["views"] == 2 and manifest["num_images"] == 12
     assert manifest["class_names"] == [str(d) for d in range(10)]
     tensors = load_file(str(out / "codebook.safetensors"))
@@ -189,3 +189,26 @@ def test_two_process_export_writes_each_index_once(tmp_path, vq_export):
     ref = datasets.load_from_disk(str(single)).with_format("numpy", dtype=np.int64)[:]
     assert np.array_equal(rows["codes"], ref["codes"])  # same as the single-process export
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_rq_with_depth_one_is_refused_and_code_shapes_agree():
+    """One predicate for 'codes have a depth axis': an RQ tokenizer has depth >= 2 (depth 1 would
+    be plain VQ, and used to export Array2D codes that the model then rejected)."""
+    from tokenizer.manifest import TokenizerIdentity
+    from tokenizer.quantizers import QuantizerConfig
+
+    with pytest.raises(ValueError, match="kind='rq' needs depth >= 2.*kind='vq'"):
+        QuantizerConfig(kind="rq", codebook_size=16, depth=1)
+    for kind, depth, shape in (("vq", 1, [4, 4]), ("rq", 3, [4, 4, 3])):
+        torch.manual_seed(0)
+        cfg = TokenizerConfig(
+            resolution=16, encoder_channels=8, decoder_channels=8, ch_mult=[1, 2, 2],
+            num_res_blocks=1, latent_dim=4, norm_groups=4,
+            quantizer=QuantizerConfig(kind=kind, codebook_size=16, depth=depth),
+        )  # fmt: skip
+        tok = Tokenizer(cfg).eval()
+        identity = tok.identity()
+        codes = tok.encode(torch.rand(2, 3, 16, 16) * 2 - 1)
+        assert identity.code_shape == shape == list(codes.shape[1:])
+        assert tok.codes_have_depth == (len(shape) == 3)
+        assert TokenizerIdentity.from_manifest({"tokenizer": identity.tokenizer_fields()}) == identity

@@ -26,10 +26,7 @@ def tiny_tokenizer(seed: int = 0) -> Tokenizer:
 
 
 def info_for(tok: Tokenizer) -> TokenizerInfo:
-    ident = tok.identity()
-    return TokenizerInfo(
-        ident["hash"], ident["codebook_size"], ident["grid"], ident["depth"], CLASSES
-    )
+    return tok.identity().with_classes(CLASSES)
 
 
 def tiny_prior(tok: Tokenizer, cls=GPT, cfg_cls=GPTConfig, dim: int = 32, seed: int = 0):

@@ -12,8 +12,8 @@ from test_export import export, tiny_tokenizer
 
 from prior import load_prior
 from prior.configs import TokenizerInfo
-from prior.data import TokenDataset, manifest_info, split_by_image
-from tokenizer.export import read_manifest
+from prior.data import TokenDataset, split_by_image
+from tokenizer.manifest import TokenizerIdentity, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
@@ -62,7 +62,7 @@ def check_run(out: Path, tokens: Path, kind: str, steps: int) -> None:
     prior = load_prior(out / "final")
     manifest = read_manifest(tokens)
     assert prior.config.model_type == kind
-    assert prior.config.tokenizer == manifest_info(manifest)  # identity travels with the prior
+    assert prior.config.tokenizer == TokenizerIdentity.from_manifest(manifest)  # identity travels with the prior
     assert prior.config.vocab_size == manifest["tokenizer"]["codebook_size"]
     rows = metrics(out)
     val_rows = [r for r in rows if "val_loss" in r]
@@ -119,7 +119,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, exports, gpt_run):
 
 
 def test_mismatched_tokens_are_refused_naming_the_fields(tmp_path, exports):
-    info = manifest_info(read_manifest(exports["vq"]))
+    info = TokenizerIdentity.from_manifest(read_manifest(exports["vq"]))
     wrong = TokenizerInfo(hash="0" * 64, codebook_size=64, grid=[2, 2], depth=2)
     with pytest.raises(ValueError) as err:
         TokenDataset(exports["vq"], expected=wrong)

@@ -391,11 +391,9 @@ def test_checkpoint_is_flushed_before_it_becomes_visible(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def pipe() -> Pipeline:
     tok = _tokenizer()
-    ident = tok.identity()
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=16, grid=[4, 4], num_classes=2, dim=16, n_layers=1)
-    cfg.tokenizer.hash, cfg.tokenizer.codebook_size = ident["hash"], 16
-    cfg.tokenizer.grid, cfg.tokenizer.depth = [4, 4], 1
+    cfg = GPTConfig(vocab_size=16, grid=[4, 4], num_classes=2, dim=16, n_layers=1,
+                    tokenizer=tok.identity())  # fmt: skip
     return Pipeline(tok, GPT(cfg).eval())
 
 

@@ -145,12 +145,12 @@ def test_identity_hash_is_stable_and_tracks_weights() -> None:
     m = model(tiny())
     ident = m.identity()
     assert ident == m.identity()
-    assert len(ident["hash"]) == 64 and int(ident["hash"], 16) >= 0
-    assert ident["codebook_size"] == 32 and ident["grid"] == [4, 4] and ident["depth"] == 1
+    assert len(ident.hash) == 64 and int(ident.hash, 16) >= 0
+    assert ident.codebook_size == 32 and ident.grid == [4, 4] and ident.depth == 1
     assert model(tiny()).identity() == ident  # same seed, same config -> same hash
     with torch.no_grad():
         m.decoder.conv_out.bias[0] += 1e-3
-    assert m.identity()["hash"] != ident["hash"]
+    assert m.identity().hash != ident.hash
 
 
 # ---- validation ---------------------------------------------------------------------------------

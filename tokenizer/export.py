@@ -14,7 +14,6 @@ hidden `.tmp-*` folder behind (removed on ordinary errors).
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import uuid
@@ -34,13 +33,10 @@ from tqdm.auto import tqdm
 
 from tokenizer.data import ImageTransform, make_dataloader
 from tokenizer.images import affine_warp
+from tokenizer.manifest import CODEBOOK, TokenizerIdentity, build_manifest, write_manifest
 from tokenizer.model import Tokenizer
 from training.serialization import atomic_dir
 
-MANIFEST = "manifest.json"
-CODEBOOK = "codebook.safetensors"
-FORMAT = "tessera-tokens"
-FORMAT_VERSION = 1
 MAX_UINT16_CODES = 1 << 16
 
 
@@ -119,14 +115,11 @@ def augment_views(images: torch.Tensor, params: torch.Tensor, aug: AugmentConfig
 
 
 # ---- features and files -------------------------------------------------------------------------
-def export_features(tokenizer: Tokenizer, class_names: list[str]) -> datasets.Features:
-    """Columns of a token export (codes uint16 [h, w] or [h, w, D])."""
-    h, w = tokenizer.grid
-    codes = (
-        datasets.Array2D((h, w), "uint16")
-        if tokenizer.depth == 1
-        else datasets.Array3D((h, w, tokenizer.depth), "uint16")
-    )
+def export_features(identity: TokenizerIdentity) -> datasets.Features:
+    """Columns of a token export (codes uint16 of the identity's code shape)."""
+    shape = tuple(identity.code_shape)
+    codes = datasets.Array2D(shape, "uint16") if len(shape) == 2 else datasets.Array3D(shape, "uint16")
+    class_names = identity.class_names
     label = datasets.ClassLabel(names=class_names) if class_names else datasets.Value("int64")
     return datasets.Features(
         {
@@ -150,21 +143,6 @@ def codebook_tensors(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
         latents = tokenizer.quantizer.embed(codes)  # [1, C, K, 1]
         out["embedding"] = rearrange(latents, "1 c k 1 -> k c").float().cpu().contiguous()
     return out
-
-
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of an export directory (ValueError when it is not one)."""
-    path = Path(path)
-    file = path / MANIFEST
-    if not file.is_file():
-        raise ValueError(f"{path} is not a token export: no {MANIFEST} in it")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from err
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{file}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    return manifest
 
 
 # ---- the export ---------------------------------------------------------------------------------
@@ -265,7 +243,8 @@ def export_tokens(
             )
     label_feature = dataset.features["label"]
     class_names = list(getattr(label_feature, "names", []) or [])
-    features = export_features(tokenizer, class_names)
+    identity = tokenizer.identity().with_classes(class_names)
+    features = export_features(identity)
     token = [uuid.uuid4().hex[:8] if acc.is_main_process else None]
     broadcast_object_list(token)
     work = out.parent / f".tmp-{out.name}-shards-{token[0]}"
@@ -284,16 +263,9 @@ def export_tokens(
         acc.wait_for_everyone()
         if acc.is_main_process:
             _merge(
-                tokenizer,
-                work,
-                out,
-                cfg,
-                source,
-                class_names,
-                len(dataset),
-                acc.num_processes,
+                tokenizer, identity, work, out, cfg, source, len(dataset), acc.num_processes,
                 overwrite,
-            )
+            )  # fmt: skip
     finally:  # success or failure: the shards never outlive the export
         if acc.is_main_process:
             shutil.rmtree(work, ignore_errors=True)
@@ -303,11 +275,11 @@ def export_tokens(
 
 def _merge(
     tokenizer: Tokenizer,
+    identity: TokenizerIdentity,
     work: Path,
     out: Path,
     cfg: ExportConfig,
     source: dict[str, Any],
-    class_names: list[str],
     num_rows: int,
     world: int,
     overwrite: bool,
@@ -315,20 +287,10 @@ def _merge(
     parts = [datasets.Dataset.from_file(str(work / f"shard-{r:05d}.arrow")) for r in range(world)]
     merged = datasets.concatenate_datasets(parts)
     _check_complete(merged, num_rows, cfg.views)
-    identity = tokenizer.identity()
-    manifest = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "tokenizer": identity,
-        "class_names": class_names,
-        "source": source,
-        "num_images": num_rows,
-        "views": cfg.views,
-        "num_samples": len(merged),
-        "code_shape": list(tokenizer.grid) + ([tokenizer.depth] if tokenizer.depth > 1 else []),
-        "code_dtype": "uint16",
-        "export": asdict(cfg),
-    }
+    manifest = build_manifest(
+        identity, source=source, num_images=num_rows, views=cfg.views,
+        num_samples=len(merged), export=asdict(cfg),
+    )  # fmt: skip
     bars = datasets.is_progress_bar_enabled()
     if not cfg.progress:
         datasets.disable_progress_bars()
@@ -336,7 +298,7 @@ def _merge(
         with atomic_dir(out, overwrite=overwrite) as tmp:
             merged.save_to_disk(str(tmp))
             save_file(codebook_tensors(tokenizer), str(tmp / CODEBOOK))
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            write_manifest(tmp, manifest)
     finally:
         if bars:
             datasets.enable_progress_bars()

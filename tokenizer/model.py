@@ -10,13 +10,13 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from tokenizer.autoencoder import Decoder, DecoderConfig, Encoder, EncoderConfig
+from tokenizer.manifest import TokenizerIdentity
 from tokenizer.quantizers import QuantizerConfig, QuantizerOutput, build_quantizer
 from training.config import from_dict
 from training.serialization import SafetensorsConfigMixin
@@ -159,8 +159,8 @@ class Tokenizer(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
 
     @property
     def codes_have_depth(self) -> bool:
-        """True when codes carry a trailing depth axis [B, h, w, D] (RQ, even with D = 1)."""
-        return bool(getattr(self.quantizer, "codes_have_depth", self.depth > 1))
+        """True when codes carry a trailing depth axis [B, h, w, D] (RQ; its depth is >= 2)."""
+        return self.depth > 1
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -232,8 +232,9 @@ class Tokenizer(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
         return TokenizerOutput(self._decode_latent(q.quantized), q.codes, q.loss, dict(q.metrics))
 
     # ---- identity and persistence -----------------------------------------------------------
-    def identity(self) -> dict[str, Any]:
-        """sha256 of config + weights (tensor bytes in sorted key order) and the code geometry."""
+    def identity(self) -> TokenizerIdentity:
+        """sha256 of config + weights (tensor bytes in sorted key order) and the code geometry
+        (what token manifests and priors record; class names come from the data)."""
         digest = hashlib.sha256()
         digest.update(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
         state = self.state_dict()
@@ -241,9 +242,4 @@ class Tokenizer(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
             t = state[key].detach().cpu().contiguous()
             digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return {
-            "hash": digest.hexdigest(),
-            "codebook_size": self.codebook_size,
-            "grid": list(self.grid),
-            "depth": self.depth,
-        }
+        return TokenizerIdentity(digest.hexdigest(), self.codebook_size, list(self.grid), self.depth)

@@ -84,6 +84,11 @@ class QuantizerConfig:
                 raise ValueError(
                     "l2_normalize is not supported for kind='rq' (residuals are not unit vectors)"
                 )
+            if self.kind == "rq" and self.depth < 2:
+                raise ValueError(
+                    f"kind='rq' needs depth >= 2 (got {self.depth}); one level of residual "
+                    f"quantization is plain VQ: use kind='vq'"
+                )
 
     def _check_fsq(self) -> None:
         if len(self.levels) < 1 or any(int(level) < 2 for level in self.levels):

@@ -23,7 +23,7 @@ from sampling.guidance import GuidanceSchedule
 from sampling.logits import SamplingConfig
 from sampling.maskgit import generate_maskgit
 from training.config import parse_cli
-from training.runtime import shutdown_distributed
+from training.distributed import shutdown_distributed
 
 
 def make_sampler(cfg: SampleConfig) -> Sampler:
@@ -52,7 +52,7 @@ def make_sampler(cfg: SampleConfig) -> Sampler:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_cli(PriorTrainConfig, argv, description=__doc__)
-    train(cfg, args, make_sampler(cfg.sample))
+    train(cfg, args.output_dir, args.resume, sampler=make_sampler(cfg.sample))
     shutdown_distributed()
 
 

@@ -17,12 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tokenizer.trainer import TokenizerTrainConfig, train  # noqa: E402
 from training.config import parse_cli  # noqa: E402
-from training.runtime import shutdown_distributed  # noqa: E402
+from training.distributed import shutdown_distributed  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_cli(TokenizerTrainConfig, argv, description=__doc__.splitlines()[0])
-    train(cfg, args)
+    train(cfg, args.output_dir, args.resume)
     shutdown_distributed()
 
 

@@ -117,7 +117,7 @@ def test_dataset_smaller_than_one_batch_is_an_error_not_a_hang(tmp_path):
         [*TOKENIZER_TINY, "data.max_samples=3", "runtime.batch_size=8"],
     )
     with deadline(120), pytest.raises(EmptyEpochError, match=r"3 rows.*needs 8"):
-        train(cfg, _cli(tmp_path / "tok"))
+        train(cfg, tmp_path / "tok")
 
 
 def test_dataset_smaller_than_one_batch_prior(tmp_path):
@@ -139,13 +139,7 @@ def test_dataset_smaller_than_one_batch_prior(tmp_path):
     )  # fmt: skip
     fresh_accelerate()
     with deadline(120), pytest.raises(EmptyEpochError, match=r"3 rows.*needs 16"):
-        train(cfg, _cli(tmp_path / "prior"))
-
-
-def _cli(out: Path):
-    from training.config import CliArgs
-
-    return CliArgs(None, out, None, [])
+        train(cfg, tmp_path / "prior")
 
 
 def _tokenizer(seed: int = 0) -> Tokenizer:

@@ -18,7 +18,7 @@ from tokenizer import trainer as trainer_module
 from tokenizer.data import ImageTransform, load_image_dataset
 from tokenizer.model import Tokenizer
 from tokenizer.trainer import TokenizerTrainConfig, train
-from training.config import CliArgs, load_config
+from training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_tokenizer.py"
@@ -68,7 +68,7 @@ def _cfg(*overrides: str) -> TokenizerTrainConfig:
 
 
 def _run(out: Path, *overrides: str, resume: str | None = None) -> dict[str, float]:
-    return train(_cfg(*overrides), CliArgs(DIGITS, out, resume, list(overrides)))
+    return train(_cfg(*overrides), out, resume)
 
 
 def _rows(out: Path) -> list[dict]:

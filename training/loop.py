@@ -6,9 +6,9 @@ bookkeeping that must be right for a resumed run to equal an uninterrupted one: 
 seeded shuffle, `skip_first_batches` for the position inside an epoch, RNG states (restored by
 `load_state`), the LR schedule and the step counter.
 
-Build DataLoaders with their own `torch.Generator` (`runtime.loader_generator`): a loader without
-one draws its worker seed from the global RNG each time an iterator starts, which shifts every
-later dropout mask after a resume.
+Build DataLoaders with their own seeded `torch.Generator`: a loader without one draws its worker
+seed from the global RNG each time an iterator starts, which shifts every later dropout mask
+after a resume.
 """
 
 from __future__ import annotations

@@ -102,12 +102,17 @@ class OptimConfig:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
-def build_accelerator(cfg: RuntimeConfig, output_dir: str | Path) -> Accelerator:
-    """Accelerator for DDP / FSDP / DeepSpeed as chosen by `accelerate launch`; gloo on CPU."""
+def build_accelerator(
+    cfg: RuntimeConfig, output_dir: str | Path, *, broadcast_buffers: bool = True
+) -> Accelerator:
+    """Accelerator for DDP / FSDP / DeepSpeed as chosen by `accelerate launch`; gloo on CPU.
+    `broadcast_buffers=False` stops DDP re-broadcasting buffers in every forward."""
     output_dir = Path(output_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers: list = [
-        DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)
+        DistributedDataParallelKwargs(
+            find_unused_parameters=cfg.find_unused_parameters, broadcast_buffers=broadcast_buffers
+        )
     ]
     if distributed and not torch.cuda.is_available():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
@@ -124,19 +129,6 @@ def build_accelerator(cfg: RuntimeConfig, output_dir: str | Path) -> Accelerator
     )
     set_seed(cfg.seed)
     return accelerator
-
-
-def shutdown_distributed() -> None:
-    """Leave the process group cleanly at the end of a script (both trainers already end on a
-    barrier): a gloo or DeepSpeed comm thread still alive at interpreter exit can abort the
-    process after a finished run."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def loader_generator(seed: int) -> torch.Generator:
-    """A DataLoader's own generator, so starting an iterator never consumes the global RNG."""
-    return torch.Generator().manual_seed(seed)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

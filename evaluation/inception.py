@@ -77,3 +77,14 @@ def fid(extractor: Any, real: torch.Tensor, fake: torch.Tensor, batch_size: int 
         inception_features(extractor, real, batch_size)[0],
         inception_features(extractor, fake, batch_size)[0],
     )
+
+
+def generation_scores(
+    extractor: Any, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 64, splits: int = 10
+) -> dict[str, float]:
+    """FID of generated images `fake` against `real`, and their Inception Score (mean, std over
+    `splits`; fewer splits when there are fewer images)."""
+    real_pool, _ = inception_features(extractor, real, batch_size)
+    fake_pool, fake_logits = inception_features(extractor, fake, batch_size)
+    is_mean, is_std = inception_score(fake_logits, splits=min(splits, len(fake)))
+    return {"fid": frechet_distance(real_pool, fake_pool), "is_mean": is_mean, "is_std": is_std}

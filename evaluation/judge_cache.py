@@ -48,5 +48,3 @@ def load_or_train_judge(
 
 def _plain(cfg: Any) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
-
-

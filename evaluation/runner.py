@@ -11,7 +11,7 @@ guidance scale). `scripts/evaluate.py` and `scripts/demo.py` call these function
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from evaluation.prompts import balanced_prompts
 from evaluation.real_data import RealData
 from evaluation.scores import class_accuracy, real_floor
 from evaluation.shapes_check import check_shapes
+from sampling.logits import SamplingConfig
 from tokenizer.images import to_tensor_images
 
 
@@ -31,10 +32,8 @@ class SampleOptions:
     `default_method` ("maskgit" for MaskGIT priors, else "ar")."""
 
     method: str = "auto"
-    num_steps: int = 8
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    num_steps: int = 8  # MaskGIT decoding steps (passed for method "maskgit" only)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     batch_size: int = 64
     plausibility: float = 0.0  # guidance cutoff alpha (sampling.guidance)
 
@@ -55,6 +54,7 @@ def sample_images(
     """Images [N, 3, H, W] in [-1, 1] for `prompts`; batch k uses generator seed + k (on the
     pipeline's device), so runs at different guidance scales share their random numbers."""
     opts = options or SampleOptions()
+    method = getattr(pipe, "default_method", "ar") if opts.method == "auto" else opts.method
     device = getattr(pipe, "device", torch.device("cpu"))
     out = []
     for k, start in enumerate(range(0, len(prompts), opts.batch_size)):
@@ -63,12 +63,12 @@ def sample_images(
             list(prompts[start : start + opts.batch_size]),
             guidance_scale=guidance_scale,
             guidance_plausibility=opts.plausibility,
-            method=getattr(pipe, "default_method", "ar") if opts.method == "auto" else opts.method,
-            num_steps=opts.num_steps,
+            method=method,
+            num_steps=opts.num_steps if method == "maskgit" else None,
             num_images_per_prompt=1,
-            temperature=opts.temperature,
-            top_k=opts.top_k,
-            top_p=opts.top_p,
+            temperature=opts.sampling.temperature,
+            top_k=opts.sampling.top_k,
+            top_p=opts.sampling.top_p,
             generator=generator,
             output_type="np",
         )
@@ -116,5 +116,3 @@ def evaluate_generation(
             on_samples(float(scale), images)
         runs.append(run)
     return {"mode": mode, "n_per_class": n_per_class, "seed": seed, "floor": floor, "runs": runs}
-
-

@@ -322,13 +322,6 @@ class PriorMixin:
             self, exclude_embeddings=exclude_embeddings, trainable_only=trainable_only
         )
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute block activations in backward (saves memory, costs one extra forward)."""
-        self.config.gradient_checkpointing = enabled
-        for module in self.modules():
-            if isinstance(module, Transformer):
-                module.gradient_checkpointing = enabled
-
     def _check_condition(self, cond: Condition, batch_size: int) -> None:
         if cond.batch_size != batch_size:
             raise ValueError(f"condition batch {cond.batch_size} != codes batch {batch_size}")

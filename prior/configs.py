@@ -12,12 +12,12 @@ from tokenizer.manifest import TokenizerIdentity
 
 T = TypeVar("T", bound="PriorConfig")
 
-# name -> (dim, n_layers, n_heads, multiple_of); B/L/XL are LlamaGen's GPT-B/L/XL.
-ARCH_PRESETS: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (32, 2, 2, 16),
-    "B": (768, 12, 12, 256),
-    "L": (1024, 24, 16, 256),
-    "XL": (1280, 36, 20, 256),
+# Named trunk sizes, usable from YAML as `preset: B`; B/L/XL are LlamaGen's GPT-B/L/XL.
+ARCH_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(dim=32, n_layers=2, n_heads=2, multiple_of=16),
+    "B": dict(dim=768, n_layers=12, n_heads=12, multiple_of=256),
+    "L": dict(dim=1024, n_layers=24, n_heads=16, multiple_of=256),
+    "XL": dict(dim=1280, n_layers=36, n_heads=20, multiple_of=256),
 }
 
 SPECIAL_WORDS: list[str] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
@@ -100,6 +100,7 @@ class PriorConfig:
     tie_embeddings: bool = False
     gradient_checkpointing: bool = False
     init_std: float = 0.02
+    preset: str = ""  # a name of ARCH_PRESETS: sets dim, n_layers, n_heads, multiple_of
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     tokenizer: TokenizerIdentity = field(default_factory=TokenizerIdentity)
 
@@ -113,6 +114,17 @@ class PriorConfig:
         if isinstance(self.tokenizer, dict):
             self.tokenizer = TokenizerIdentity(**self.tokenizer)
         self.grid = list(self.grid)
+        if self.preset:
+            if self.preset not in ARCH_PRESETS:
+                raise ValueError(
+                    f"unknown preset {self.preset!r}; choose from {sorted(ARCH_PRESETS)}"
+                )
+            defaults = {f.name: f.default for f in dataclasses.fields(PriorConfig)}
+            for key, value in ARCH_PRESETS[self.preset].items():
+                if getattr(self, key) not in (value, defaults[key]):
+                    raise ValueError(f"preset {self.preset!r} sets {key}={value}; got {key}="
+                                     f"{getattr(self, key)} too (set one or the other)")  # fmt: skip
+                setattr(self, key, value)
         if self.model_type != self._expected_type:
             raise ValueError(
                 f"model_type must be {self._expected_type!r} for {type(self).__name__}, "
@@ -205,10 +217,7 @@ class PriorConfig:
     @classmethod
     def from_preset(cls: type[T], name: str) -> T:
         """A config with a named trunk size; change the rest with `dataclasses.replace`."""
-        if name not in ARCH_PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(ARCH_PRESETS)}")
-        dim, n_layers, n_heads, multiple_of = ARCH_PRESETS[name]
-        return cls(dim=dim, n_layers=n_layers, n_heads=n_heads, multiple_of=multiple_of)
+        return cls(preset=name)
 
 
 @dataclass
@@ -259,8 +268,3 @@ CONFIG_CLASSES: dict[str, type[PriorConfig]] = {
     "maskgit": MaskGITConfig,
     "rq_transformer": RQTransformerConfig,
 }
-
-
-def config_to_dict(cfg: PriorConfig) -> dict[str, Any]:
-    """Plain dict of a prior config (what config.json holds)."""
-    return dataclasses.asdict(cfg)

@@ -1,8 +1,9 @@
 """Static key/value cache: preallocated, never saved, addressed by explicit slots.
 
 The cache does not track a length: every call says where its tokens go (`cache_seqlens`), and
-attention only reads slots below each row's end. So per-row positions, rollback (pass an earlier
-position) and CUDA graphs (fixed shapes, no Python-side state) come for free.
+attention only reads slots below each row's end. So per-row positions and rollback (pass an
+earlier position) need no bookkeeping, and the buffers keep fixed shapes, which is what
+`torch.compile` and CUDA-graph capture need (not yet exercised by a test here).
 """
 
 import torch

@@ -7,7 +7,6 @@ r ~ U(0, 1) per sample; `cosine_schedule` and `mask_count` are shared with the s
 import math
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
@@ -48,22 +47,6 @@ def random_mask(
     return (ranks < counts[:, None]).to(device)
 
 
-def masked_loss(
-    logits: Tensor, targets: Tensor, mask: Tensor, label_smoothing: float = 0.1
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Cross-entropy (with label smoothing) over masked positions only; logits [B, N, V]."""
-    picked = logits[mask].float()  # [M, V]
-    goal = targets[mask]  # [M]
-    loss = F.cross_entropy(picked, goal, label_smoothing=label_smoothing)
-    with torch.no_grad():
-        metrics = {
-            "loss": loss.detach(),
-            "accuracy": (picked.argmax(-1) == goal).float().mean(),
-            "mask_ratio": mask.float().mean(),
-        }
-    return loss, metrics
-
-
 class MaskGIT(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin, PriorMixin):
     """Bidirectional Llama trunk over [prefix, codes with MASK] -> logits over the codebook."""
 
@@ -97,15 +80,6 @@ class MaskGIT(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin, PriorMixi
         if self.output is None:
             return (h @ self.tok_embeddings.weight[: self.config.vocab_size].T).float()
         return self.output(h).float()
-
-    def training_loss(
-        self, codes: Tensor, cond: Condition, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Mask mask_count(N, r) positions per sample (r ~ U(0, 1)); smoothed CE on them only."""
-        mask = random_mask(codes.shape[0], codes.shape[1], codes.device, generator)
-        inputs = torch.where(mask, torch.full_like(codes, self.mask_token_id), codes)
-        logits = self(inputs, cond)
-        return masked_loss(logits, codes, mask, self.config.label_smoothing)
 
     def flops_per_token(self, training: bool = True) -> float:
         """Model FLOPs per image token (6N + attention when training, 2N + attention otherwise)."""

@@ -15,21 +15,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from prior import MaskGIT, RQTransformer, check_tokenizer, load_prior
+from prior import MaskGIT, check_tokenizer, load_prior
 from prior.conditioning import Condition
-from sampling.autoregressive import generate_ar, generate_rq
+from sampling.generate import DecodeOptions, check_method, generate_codes
 from sampling.guidance import GuidanceSchedule
-from sampling.jacobi import generate_jacobi
 from sampling.logits import SamplingConfig
-from sampling.maskgit import generate_maskgit
 from sampling.relaxed import RelaxedAcceptance
-from sampling.speculative import generate_speculative
 from sampling.stats import SpeculativeStats
 from tokenizer import Tokenizer
 from tokenizer.images import to_pil, to_uint8
 from tokenizer.manifest import unflatten_codes
 
-METHODS = ("ar", "speculative", "relaxed", "jacobi", "maskgit")
 OUTPUT_TYPES = ("pil", "np", "codes")
 Prompt = str | int
 
@@ -138,44 +134,40 @@ class Pipeline:
             self._relaxed[(k, delta)] = RelaxedAcceptance.from_codebook(codebook, k, delta, metric)
         return self._relaxed[(k, delta)]
 
-    def _check(self, method: str, output_type: str) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got '{method}'")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got '{output_type}'")
-        is_maskgit = isinstance(self.prior, MaskGIT)
-        if (method == "maskgit") != is_maskgit:
-            raise ValueError(f"method '{method}' does not fit a {type(self.prior).__name__} prior")
-        if isinstance(self.prior, RQTransformer) and method != "ar":
-            raise ValueError("an RQ-Transformer prior samples with method='ar' only")
-        if method in ("speculative", "relaxed") and self.draft is None:
-            raise ValueError(f"method '{method}' needs a draft prior (draft_dir)")
-
     @torch.no_grad()
     def __call__(
         self,
         prompts: Sequence[Prompt] | Prompt,
+        *,
         guidance_scale: float = 1.0,
         guidance_schedule: str = "constant",
         guidance_stop: float | None = None,
         guidance_plausibility: float = 0.0,
         negative_prompts: Sequence[str] | None = None,
         method: str = "ar",
-        num_steps: int = 8,
         num_images_per_prompt: int = 1,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        draft_len: int = 4,
-        adaptive_draft: bool = False,
-        relaxed_k: int = 8,
-        relaxed_delta: float = 0.1,
-        jacobi_window: int = 8,
+        num_steps: int | None = None,
+        draft_len: int | None = None,
+        adaptive_draft: bool | None = None,
+        relaxed_k: int | None = None,
+        relaxed_delta: float | None = None,
+        jacobi_window: int | None = None,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
     ) -> PipelineOutput:
-        """Generate `num_images_per_prompt` images per prompt (class name/id or text)."""
-        self._check(method, output_type)
+        """Generate `num_images_per_prompt` images per prompt (class name/id or text).
+
+        Method options (num_steps: maskgit; draft_len, adaptive_draft: speculative / relaxed;
+        relaxed_k, relaxed_delta: relaxed; jacobi_window: jacobi) default to None = the
+        method's default; setting one for another method is a ValueError."""
+        decode = DecodeOptions(method, num_steps, draft_len, adaptive_draft, relaxed_k,
+                               relaxed_delta, jacobi_window)  # fmt: skip
+        check_method(self.prior, method, self.draft)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got '{output_type}'")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         prompts = [prompts] if isinstance(prompts, str | int) else list(prompts)
@@ -190,39 +182,16 @@ class Pipeline:
             guidance_scale, guidance_schedule, guidance_stop, guidance_plausibility
         )
         cond, uncond = self.conditions(self.prior, prompts, negative)
-        n = self.prior.config.seq_len
-        stats, counts = None, None
-        if method == "ar" and isinstance(self.prior, RQTransformer):
-            codes = generate_rq(
-                self.prior, cond, uncond, n, self.tokenizer.depth, sampling, guidance, generator
-            )
-        elif method == "ar":
-            codes = generate_ar(self.prior, cond, uncond, n, sampling, guidance, generator)
-        elif method == "maskgit":
-            codes, counts = generate_maskgit(
-                self.prior,
-                cond,
-                uncond,
-                n,
-                num_steps,
-                sampling,
-                guidance=guidance,
-                generator=generator,
-            )
-        elif method == "jacobi":
-            codes, stats = generate_jacobi(
-                self.prior, cond, uncond, n, jacobi_window, sampling, guidance, generator
-            )
-        else:
-            relaxed = (
-                self.relaxed_acceptance(relaxed_k, relaxed_delta) if method == "relaxed" else None
-            )
-            d_cond, d_uncond = self.conditions(self.draft, prompts, negative)
-            codes, stats = generate_speculative(
-                self.prior, self.draft, cond, d_cond, n, uncond, d_uncond, draft_len, adaptive_draft,
-                sampling=sampling, guidance=guidance, generator=generator, relaxed=relaxed,
-            )  # fmt: skip
-        return self._output(codes, prompts, output_type, stats, counts)
+        draft_conds, relaxed = None, None
+        if method in ("speculative", "relaxed"):
+            draft_conds = self.conditions(self.draft, prompts, negative)
+        if method == "relaxed":
+            relaxed = self.relaxed_acceptance(decode.get("relaxed_k"), decode.get("relaxed_delta"))
+        out = generate_codes(
+            self.prior, cond, uncond, decode=decode, sampling=sampling, guidance=guidance,
+            generator=generator, draft=self.draft, draft_conds=draft_conds, relaxed=relaxed,
+        )  # fmt: skip
+        return self._output(out.codes, prompts, output_type, out.stats, out.reveal_counts)
 
     def decode(self, codes: Tensor) -> Tensor:
         """Flat prior codes [B, N] or [B, N, D] -> images [B, 3, H, W] in [-1, 1]."""

@@ -135,8 +135,9 @@ def sample_grids(cfg: DemoConfig, pipe: Pipeline, out: Path) -> dict[str, dict]:
     report = {}
     for method, name in (("ar", "samples.png"), ("speculative", "samples_speculative.png")):
         start = time.perf_counter()
+        draft_len = cfg.draft_len if method == "speculative" else None
         result = pipe(prompts, guidance_scale=cfg.grid_guidance, guidance_plausibility=cfg.guidance_plausibility,
-                      method=method, draft_len=cfg.draft_len,
+                      method=method, draft_len=draft_len,
                       num_images_per_prompt=cfg.grid_per_prompt, generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
         seconds = time.perf_counter() - start
         image_grid(result.images, cols=cfg.grid_per_prompt).save(out / name)

@@ -27,6 +27,7 @@ from evaluation.judge_cache import load_or_train_judge
 from evaluation.plots import plot_guidance
 from evaluation.real_data import real_data
 from evaluation.runner import SampleOptions, evaluate_generation
+from sampling.logits import SamplingConfig
 from tokenizer.images import image_grid, to_pil
 from tokenizer.metrics import reconstruction_metrics
 from tokenizer.model import Tokenizer
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metrics["tokenizer"] = reconstruction_metrics(
         tokenizer, held.split(args.batch_size), on_batch=keep
     )
+    inception = None
     if args.inception_weights is not None:
         from evaluation.inception import fid, load_inception
 
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("tokenizer:", json.dumps(metrics["tokenizer"]))
 
     if args.prior is not None:
+        from evaluation.inception import generation_scores
         from sampling.pipeline import Pipeline
 
         train_cfg = JudgeTrainConfig(steps=args.judge_steps, seed=args.seed)
@@ -95,14 +98,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics["judge"] = report
         print(f"judge: held-out accuracy {report['heldout_accuracy']:.4f}")
         pipe = Pipeline.from_pretrained(args.tokenizer, args.prior, device=args.device)
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         options = SampleOptions(
-            args.method, args.num_steps, args.temperature, args.top_k, args.top_p, args.batch_size,
-            args.plausibility,
-        )  # fmt: skip
+            args.method, args.num_steps, sampling, args.batch_size, args.plausibility
+        )
+
+        inception_runs: dict[float, dict[str, float]] = {}
 
         def save_grid(scale: float, images: torch.Tensor) -> None:
             path = out_dir / f"samples_g{scale:g}.png"
             image_grid(to_pil(images), cols=args.n_per_class).save(path)
+            if inception is not None:  # FID and Inception Score of this guidance scale's samples
+                inception_runs[scale] = generation_scores(inception, held, images, args.batch_size)
 
         start = time.perf_counter()
         gen = evaluate_generation(
@@ -110,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mode=pipe.prior.config.cond, seed=args.seed, options=options, on_samples=save_grid,
         )  # fmt: skip
         gen["seconds"] = time.perf_counter() - start
+        for run in gen["runs"]:
+            run.update(inception_runs.get(run["guidance_scale"], {}))
         metrics["generation"] = gen
         for run in gen["runs"]:
             line = f"guidance {run['guidance_scale']:g}: frechet {run['frechet']:.3f}"

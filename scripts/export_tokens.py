@@ -3,6 +3,8 @@
     python scripts/export_tokens.py --tokenizer outputs/tok/final --data digits --out outputs/tokens
     accelerate launch scripts/export_tokens.py ...   # every process encodes a shard
 
+Options are ExportConfig's keys (tokenizer/export.py): `--config FILE` and/or `key.sub=value`
+overrides, e.g. `views=8 augment.flip=true`; the old flags (--views, --flip, ...) still work.
 Views > 1 add augmented crops (small rotation / scale / shift; --flip for mirror images) after
 the clean view 0, so a prior trained on a small dataset does not just memorise it.
 """
@@ -12,65 +14,61 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokenizer.data import DataConfig, load_image_dataset
-from tokenizer.export import AugmentConfig, ExportConfig, export_tokens
+from omegaconf import OmegaConf
+
+from tokenizer.export import ExportConfig, export_tokens
 from tokenizer.model import Tokenizer
+from tokenizer.sources import DataConfig, load_image_dataset
+from training.config import load_config
 from training.runtime import RuntimeConfig, build_accelerator
 
+# one-release aliases: old flags -> ExportConfig keys (the config is the one place they live)
+FLAG_ALIASES = {
+    "--views": "views", "--batch-size": "batch_size", "--seed": "seed",
+    "--num-workers": "num_workers", "--interpolation": "image_interpolation",
+    "--max-rotation": "augment.max_rotation", "--min-scale": "augment.min_scale",
+    "--max-scale": "augment.max_scale", "--max-shift": "augment.max_shift",
+    "--view-interpolation": "augment.interpolation", "--padding": "augment.padding",
+}  # fmt: skip
+SWITCH_ALIASES = {"--flip": "augment.flip=true", "--no-progress": "progress=false"}
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ExportConfig]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--tokenizer", type=Path, required=True, help="trained tokenizer directory")
     p.add_argument("--data", required=True, help="digits | photos | shapes | a path | a Hub name")
     p.add_argument("--out", type=Path, required=True, help="export directory (created atomically)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--views", type=int, default=1, help="views per image; view 0 is the clean one")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="train", help="source split (default: train)")
     p.add_argument("--max-samples", type=int, default=None, help="only the first N source images")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--interpolation", default="bicubic", help="resizing of source images")
-    p.add_argument("--max-rotation", type=float, default=10.0, help="degrees")
-    p.add_argument("--min-scale", type=float, default=0.9)
-    p.add_argument("--max-scale", type=float, default=1.1)
-    p.add_argument("--max-shift", type=float, default=0.06, help="fraction of the side")
-    p.add_argument("--flip", action="store_true", help="random horizontal flips in views >= 1")
-    p.add_argument("--view-interpolation", default="bilinear", choices=["bilinear", "nearest"])
-    p.add_argument("--padding", default="border", choices=["border", "reflection", "zeros"])
+    p.add_argument("--config", type=Path, default=None, help="YAML file of ExportConfig keys")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
+    for flag, key in FLAG_ALIASES.items():
+        p.add_argument(flag, dest=key, default=None, help=f"same as {key}=VALUE")
+    for flag, override in SWITCH_ALIASES.items():
+        p.add_argument(flag, dest=override, action="store_true", help=f"same as {override}")
+    p.add_argument("overrides", nargs="*", help="ExportConfig key.sub=value overrides")
+    args = p.parse_intermixed_args(argv)
+    overrides = [f"{k}={getattr(args, k)}" for k in FLAG_ALIASES.values() if getattr(args, k)]
+    overrides += [o for o in SWITCH_ALIASES.values() if getattr(args, o)]
+    return args, load_config(ExportConfig, args.config, [*overrides, *args.overrides])
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cfg = ExportConfig(
-        views=args.views,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        num_workers=args.num_workers,
-        image_interpolation=args.interpolation,
-        progress=not args.no_progress,
-        augment=AugmentConfig(
-            max_rotation=args.max_rotation,
-            min_scale=args.min_scale,
-            max_scale=args.max_scale,
-            max_shift=args.max_shift,
-            flip=args.flip,
-            interpolation=args.view_interpolation,
-            padding=args.padding,
-        ),
-    )
+    args, cfg = parse_args(argv)
+    if args.print_config:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+        return
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"error: {args.out} already exists; pass --overwrite to replace it")
-    acc = build_accelerator(RuntimeConfig(seed=args.seed, tracker="none"), args.out.parent)
+    acc = build_accelerator(RuntimeConfig(seed=cfg.seed, tracker="none"), args.out.parent)
     tokenizer = Tokenizer.from_pretrained(str(args.tokenizer))
     data_cfg = DataConfig(
         source=args.data,
         resolution=tokenizer.config.resolution,
-        interpolation=args.interpolation,
+        interpolation=cfg.image_interpolation,
         max_samples=args.max_samples,
     )
     dataset = load_image_dataset(data_cfg, args.split)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sampling import Pipeline
-from sampling.pipeline import METHODS
+from sampling.generate import METHODS
 from tokenizer.images import image_grid
 
 
@@ -38,11 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--method", default="ar", choices=METHODS)
-    p.add_argument("--steps", type=int, default=8, help="MaskGIT steps")
+    p.add_argument("--steps", type=int, default=None, help="MaskGIT steps (default 8)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--draft-len", type=int, default=4)
+    p.add_argument("--draft-len", type=int, default=None, help="speculative / relaxed (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=Path("samples.png"))

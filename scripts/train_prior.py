@@ -18,34 +18,28 @@ from torch import Tensor, nn
 from prior.conditioning import Condition
 from prior.train_config import PriorTrainConfig, SampleConfig
 from prior.trainer import Sampler, train
-from sampling.autoregressive import generate_ar, generate_rq
+from sampling.generate import DecodeOptions, generate_codes
 from sampling.guidance import GuidanceSchedule
 from sampling.logits import SamplingConfig
-from sampling.maskgit import generate_maskgit
 from training.config import parse_cli
 from training.distributed import shutdown_distributed
 
 
 def make_sampler(cfg: SampleConfig) -> Sampler:
-    """Plain AR (GPT), depth-wise AR (RQ) or MaskGIT decoding with constant CFG."""
+    """Sample grids through the one dispatcher (sampling.generate): plain AR for a GPT,
+    depth-wise AR for an RQ-Transformer, MaskGIT decoding (guidance ramped linearly) for MaskGIT."""
     sampling = SamplingConfig(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-    guidance = GuidanceSchedule(scale=cfg.guidance_scale)
 
     def sampler(
         model: nn.Module, cond: Condition, uncond: Condition, generator: torch.Generator
     ) -> Tensor:
-        mc = model.config
-        if mc.model_type == "gpt":
-            return generate_ar(model, cond, uncond, mc.seq_len, sampling, guidance, generator)
-        if mc.model_type == "rq_transformer":
-            return generate_rq(
-                model, cond, uncond, mc.seq_len, mc.depth, sampling, guidance, generator
-            )
-        codes, _ = generate_maskgit(
-            model, cond, uncond, mc.seq_len, cfg.maskgit_steps, sampling,
-            guidance=GuidanceSchedule(scale=cfg.guidance_scale, kind="linear"), generator=generator,
-        )  # fmt: skip
-        return codes
+        maskgit = model.config.model_type == "maskgit"
+        decode = (
+            DecodeOptions("maskgit", num_steps=cfg.maskgit_steps) if maskgit else DecodeOptions()
+        )
+        guidance = GuidanceSchedule(cfg.guidance_scale, "linear" if maskgit else "constant")
+        return generate_codes(model, cond, uncond, decode=decode, sampling=sampling,
+                              guidance=guidance, generator=generator).codes  # fmt: skip
 
     return sampler
 

@@ -1,6 +1,7 @@
 """Stub priors with known logits for testing the decoding algorithms.
 
-They implement the cached sampling API of CONTRACTS.md (setup_caches / prefill / decode with
+They implement the cached sampling API of prior/blocks.py's CachedPriorMixin (setup_caches /
+prefill / decode with
 per-row positions, condition / null_condition, teacher-forcing forward) with a tiny recurrent
 state instead of attention: s_0 = condition vector, s_{i+1} = s_i + W[i, x_i], and the logits of
 position i are tanh(s_i) @ out + bias[i]. The cache stores s per position, so decoding at a wrong

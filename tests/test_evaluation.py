@@ -254,3 +254,26 @@ def test_inception_needs_local_weights_and_package(tmp_path) -> None:
     eye = torch.eye(10).repeat(3, 1) * 50
     assert inception_score(eye, splits=3)[0] == pytest.approx(10.0, rel=1e-6)
     assert inception_score(torch.zeros(30, 10), splits=3)[0] == pytest.approx(1.0)
+
+
+def test_generation_scores_with_a_stand_in_extractor() -> None:
+    """FID/IS plumbing (uint8 conversion, batching, splits) with a tiny stand-in for Inception:
+    pool = per-channel means, logits = a fixed projection of them."""
+    from evaluation.inception import generation_scores
+
+    class StandIn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 5)
+
+        def forward(self, x: torch.Tensor):
+            assert x.dtype == torch.uint8  # torch-fidelity's input convention
+            pool = x.float().mean((2, 3))  # [B, 3]
+            return pool, self.proj(pool)
+
+    torch.manual_seed(0)
+    real = torch.rand(40, 3, 8, 8) * 2 - 1
+    same = generation_scores(StandIn(), real, real, batch_size=16)
+    assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["is_mean"] >= 1.0
+    shifted = generation_scores(StandIn(), real, (real + 0.5).clamp(-1, 1), batch_size=16)
+    assert shifted["fid"] > 100 * max(same["fid"], 1e-6)

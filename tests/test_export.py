@@ -211,4 +211,6 @@ def test_rq_with_depth_one_is_refused_and_code_shapes_agree():
         codes = tok.encode(torch.rand(2, 3, 16, 16) * 2 - 1)
         assert identity.code_shape == shape == list(codes.shape[1:])
         assert tok.codes_have_depth == (len(shape) == 3)
-        assert TokenizerIdentity.from_manifest({"tokenizer": identity.tokenizer_fields()}) == identity
+        assert (
+            TokenizerIdentity.from_manifest({"tokenizer": identity.tokenizer_fields()}) == identity
+        )

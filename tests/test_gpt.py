@@ -302,3 +302,13 @@ def test_pretrained_text_encoder_by_path_is_frozen(tmp_path):
     assert model.num_params(trainable_only=True) < model.num_params()
     c = model.condition(texts=["a red circle", "blue"])
     assert c.prefix.shape == (2, 6, 32) and c.mask.sum(1).tolist() == [5, 3]
+
+
+def test_presets_from_yaml_and_conflicts(tmp_path):
+    from prior.train_config import PriorTrainConfig
+    from training.config import load_config
+
+    cfg = load_config(PriorTrainConfig, None, ["model.gpt.preset=L"])
+    assert (cfg.model.gpt.dim, cfg.model.gpt.n_layers, cfg.model.gpt.n_heads) == (1024, 24, 16)
+    with pytest.raises(ValueError, match="preset 'B' sets dim=768; got dim=512"):
+        GPTConfig(preset="B", dim=512)

@@ -68,3 +68,22 @@ def test_unsupported_priors_are_refused(tmp_path):
     text.text.vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "red"]
     with pytest.raises(ValueError, match="text-conditional"):
         export_to_llama(GPT(text), tmp_path / "b")
+
+
+def test_export_llama_cli(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from scripts.export_llama import main
+
+    gpt = make()
+    gpt.save_pretrained(tmp_path / "prior")
+    out = main(["--prior", str(tmp_path / "prior"), "--out", str(tmp_path / "llama")])
+    llama = LlamaForCausalLM.from_pretrained(out).eval()
+    codes = torch.randint(0, V, (2, GRID[0] * GRID[1]), generator=torch.Generator().manual_seed(0))
+    ids = llama_input_ids(codes, torch.tensor([1, 2]), V)
+    cond = gpt.condition(class_ids=torch.tensor([1, 2]))
+    torch.testing.assert_close(
+        llama(ids).logits[:, :-1, :V], gpt(codes, cond), atol=1e-4, rtol=1e-4
+    )
+    with pytest.raises(FileExistsError):
+        main(["--prior", str(tmp_path / "prior"), "--out", str(tmp_path / "llama")])

@@ -82,10 +82,21 @@ def test_greedy_speculative_and_jacobi_equal_greedy_ar(parts):
             temperature=0,
             method=method,
             output_type="codes",
-            relaxed_delta=0.0,
+            **({"relaxed_delta": 0.0} if method == "relaxed" else {}),  # options are per method
         )
         assert torch.equal(out.codes, ar), method
         assert out.stats is not None and out.stats.target_calls >= 1
+
+
+def test_method_options_for_other_methods_are_errors(parts):
+    tok, prior, draft = parts
+    pipe = Pipeline(tok, prior, draft)
+    with pytest.raises(ValueError, match="draft_len applies to method speculative / relaxed"):
+        pipe(["one"], draft_len=8)  # method "ar" ignores it
+    with pytest.raises(ValueError, match="num_steps applies to method maskgit only, not 'jacobi'"):
+        pipe(["one"], method="jacobi", num_steps=4)
+    with pytest.raises(TypeError):
+        pipe(["one"], 3.0)  # keyword-only after the prompts
 
 
 def test_bad_arguments_are_clear_errors(parts):

@@ -12,7 +12,7 @@ from test_export import export, tiny_tokenizer
 
 from prior import load_prior
 from prior.configs import TokenizerInfo
-from prior.data import TokenDataset, split_by_image
+from prior.tokens import TokenDataset, split_by_image
 from tokenizer.manifest import TokenizerIdentity, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,9 @@ def check_run(out: Path, tokens: Path, kind: str, steps: int) -> None:
     prior = load_prior(out / "final")
     manifest = read_manifest(tokens)
     assert prior.config.model_type == kind
-    assert prior.config.tokenizer == TokenizerIdentity.from_manifest(manifest)  # identity travels with the prior
+    assert prior.config.tokenizer == TokenizerIdentity.from_manifest(
+        manifest
+    )  # identity travels with the prior
     assert prior.config.vocab_size == manifest["tokenizer"]["codebook_size"]
     rows = metrics(out)
     val_rows = [r for r in rows if "val_loss" in r]

@@ -118,7 +118,9 @@ def augment_views(images: torch.Tensor, params: torch.Tensor, aug: AugmentConfig
 def export_features(identity: TokenizerIdentity) -> datasets.Features:
     """Columns of a token export (codes uint16 of the identity's code shape)."""
     shape = tuple(identity.code_shape)
-    codes = datasets.Array2D(shape, "uint16") if len(shape) == 2 else datasets.Array3D(shape, "uint16")
+    codes = (
+        datasets.Array2D(shape, "uint16") if len(shape) == 2 else datasets.Array3D(shape, "uint16")
+    )
     class_names = identity.class_names
     label = datasets.ClassLabel(names=class_names) if class_names else datasets.Value("int64")
     return datasets.Features(

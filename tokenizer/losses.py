@@ -186,11 +186,18 @@ class TokenizerLoss(nn.Module):
         return LossOutput(total, {k: v.detach() for k, v in logs.items()})
 
     def discriminator_loss(
-        self, images: torch.Tensor, recon: torch.Tensor, step: int
+        self,
+        images: torch.Tensor,
+        recon: torch.Tensor,
+        step: int,
+        discriminator: nn.Module | None = None,
     ) -> LossOutput:
-        """Hinge loss on real images vs detached reconstructions; zero before `disc_start`."""
-        logits_real = self.discriminator(images.detach())
-        logits_fake = self.discriminator(recon.detach())
+        """Hinge loss on real images vs detached reconstructions; zero before `disc_start`.
+        `discriminator`: the module to call (the trainer passes its DDP-wrapped copy, so the
+        gradients are synced); default: this loss's own discriminator."""
+        disc = discriminator if discriminator is not None else self.discriminator
+        logits_real = disc(images.detach())
+        logits_fake = disc(recon.detach())
         d_loss = hinge_d_loss(logits_real, logits_fake)
         factor = 1.0 if self.gan_active(step) else 0.0
         logs = {

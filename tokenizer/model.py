@@ -242,4 +242,6 @@ class Tokenizer(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
             t = state[key].detach().cpu().contiguous()
             digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return TokenizerIdentity(digest.hexdigest(), self.codebook_size, list(self.grid), self.depth)
+        return TokenizerIdentity(
+            digest.hexdigest(), self.codebook_size, list(self.grid), self.depth
+        )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokenizer.data import DataConfig
 from tokenizer.losses import LossConfig
 from tokenizer.model import TokenizerConfig
+from tokenizer.sources import DataConfig
 from training.runtime import OptimConfig, RuntimeConfig
 
 

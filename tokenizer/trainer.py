@@ -29,11 +29,12 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
 
-from tokenizer.data import ImageTransform, load_image_dataset, make_dataloader
+from tokenizer.data import ImageTransform, make_dataloader
 from tokenizer.images import image_grid, save_png, to_pil
-from tokenizer.losses import TokenizerLoss, hinge_d_loss
+from tokenizer.losses import TokenizerLoss
 from tokenizer.metrics import reconstruction_metrics
 from tokenizer.model import Tokenizer
+from tokenizer.sources import load_image_dataset
 from tokenizer.train_config import DiscOptimConfig, EvalConfig, TokenizerTrainConfig
 from training.config import save_config
 from training.distributed import rank_mean
@@ -139,7 +140,7 @@ def train_step(run: TokenizerRun, step: int, batch: dict) -> StepOutput:
         result = optimizer_step(acc, run.model, run.optimizers[0], run.schedulers[0], g.loss,
                                 cfg.optim.grad_clip)  # fmt: skip
         if run.loss_fn.gan_active(step):
-            metrics.update(discriminator_step(run, images, out.recon.detach()))
+            metrics.update(discriminator_step(run, step, images, out.recon.detach()))
     if run.ema is not None and acc.sync_gradients and not result.skipped:
         run.ema.update(run.raw_model)
     if not result.skipped:
@@ -149,17 +150,18 @@ def train_step(run: TokenizerRun, step: int, batch: dict) -> StepOutput:
     return StepOutput(rank_mean(acc, metrics), skipped=result.skipped)
 
 
-def discriminator_step(run: TokenizerRun, images: torch.Tensor, recon: torch.Tensor) -> dict:
-    """Hinge loss on real vs reconstructed images; DDP syncs the discriminator's gradients."""
-    logits_real, logits_fake = run.disc(images), run.disc(recon)
-    d_loss = hinge_d_loss(logits_real, logits_fake)
-    d = optimizer_step(run.acc, run.disc, run.optimizers[1], run.schedulers[1], d_loss,
+def discriminator_step(
+    run: TokenizerRun, step: int, images: torch.Tensor, recon: torch.Tensor
+) -> dict:
+    """Hinge loss on real vs reconstructed images through the DDP-wrapped discriminator (so its
+    gradients are synced); called from loss.disc_start on."""
+    d_out = run.loss_fn.discriminator_loss(images, recon, step, discriminator=run.disc)
+    d = optimizer_step(run.acc, run.disc, run.optimizers[1], run.schedulers[1], d_out.loss,
                        run.cfg.disc_optim.grad_clip)  # fmt: skip
     return {
+        **d_out.logs,
         **{f"d_{k}": v for k, v in d.metrics.items()},
         "d_skipped": float(d.skipped),
-        "logits_real": logits_real.detach().float().mean(),
-        "logits_fake": logits_fake.detach().float().mean(),
     }
 
 

@@ -132,8 +132,3 @@ def parse_cli(
     ns = parser.parse_intermixed_args(argv)  # overrides may come before or after --resume
     cfg = load_config(schema, ns.config, ns.overrides)
     return cfg, CliArgs(ns.config, ns.output_dir, ns.resume, list(ns.overrides))
-
-
-def replace(cfg: T, **changes: Any) -> T:
-    """`dataclasses.replace` re-exported for configs (runs validation again)."""
-    return dataclasses.replace(cfg, **changes)

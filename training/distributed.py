@@ -68,7 +68,7 @@ def build_optimization(
         optimizer = DummyOptim(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
     else:
         optimizer = build_optimizer(model, optim)
-        offload = (((ds or {}).get("zero_optimization", {}).get("offload_optimizer")) or {})
+        offload = ((ds or {}).get("zero_optimization", {}).get("offload_optimizer")) or {}
         if offload.get("device") in ("cpu", "nvme"):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+from tqdm.auto import trange
 
 from tokenizer.images import affine_warp
 from training.config import from_dict
@@ -245,8 +246,11 @@ class Judge(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
         dataset: datasets.Dataset,
         config: JudgeTrainConfig | None = None,
         heldout: datasets.Dataset | None = None,
+        *,
+        progress: bool = True,
     ) -> JudgeReport:
-        """Train on a dataset's `image`/`label` columns (seeded); evaluate on `heldout` if given."""
+        """Train on a dataset's `image`/`label` columns (seeded); evaluate on `heldout` if given;
+        a progress bar while it trains (`progress`)."""
         cfg = config or JudgeTrainConfig()
         if "label" not in dataset.column_names:
             raise ValueError(f"dataset has no 'label' column (columns: {dataset.column_names})")
@@ -270,7 +274,7 @@ class Judge(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
             device = next(self.parameters()).device
             self.train()
             order, pos = torch.randperm(len(x), generator=gen), 0
-            for _ in range(cfg.steps):
+            for _ in trange(cfg.steps, desc="judge", disable=not progress, mininterval=5):
                 if pos + cfg.batch_size > len(x):
                     order, pos = torch.randperm(len(x), generator=gen), 0
                 idx = order[pos : pos + cfg.batch_size]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -19,7 +20,7 @@ from prior.tokens import TokenDataset, split_by_image, token_loader, view0_rows
 from tokenizer.data import ImageTransform, make_dataloader
 from tokenizer.manifest import TokenizerIdentity, flatten_codes, read_manifest
 from tokenizer.model import Tokenizer
-from tokenizer.sources import DataConfig, load_image_dataset
+from tokenizer.sources import DataConfig, load_split
 from training.runtime import RuntimeConfig
 
 
@@ -66,7 +67,7 @@ class OnTheFlyTokens:
         self.class_names: list[str] = []
 
     def dataset(self, split: str) -> datasets.Dataset:
-        ds = load_image_dataset(self.data_cfg, split)
+        ds = load_split(self.data_cfg, split)
         self.class_names = list(getattr(ds.features["label"], "names", []) or [])
         return ds
 
@@ -103,6 +104,13 @@ class PriorData:
 
 def load_data(d: PriorDataConfig, rt: RuntimeConfig, device: torch.device) -> PriorData:
     """Train / held-out loaders from an export (fast) or from images encoded on the fly."""
+    paths = {"tokens": d.tokens, "val_tokens": d.val_tokens}
+    if d.source:  # encoding on the fly needs the tokenizer; sample grids only skip without it
+        paths["tokenizer"] = d.tokenizer
+    for key, path in paths.items():
+        if path and not Path(path).is_dir():
+            what = "tokenizer folder" if key == "tokenizer" else "token export"
+            raise FileNotFoundError(f"data.{key}: {what} {path} not found")
     if d.tokens:
         manifest = read_manifest(d.tokens)
         info = TokenizerIdentity.from_manifest(manifest)

@@ -73,17 +73,20 @@ def train(
     output_dir: str | Path,
     resume: str | None = None,
     *,
+    overwrite: bool = False,
     sampler: Sampler | None = None,
 ) -> Path:
     """Train a prior as configured; returns `output_dir/final`. `resume`: "latest" or a
-    checkpoint folder; `sampler` draws the periodic sample grids (none without it)."""
+    checkpoint folder; `overwrite`: start over in a folder that holds a run; `sampler` draws
+    the periodic sample grids (none without it)."""
     run = setup(cfg, Path(output_dir), resume, sampler)
+    resolved = resolved_config(cfg, run.prior_cfg)
     with TrainLoop(run.acc, cfg.runtime, run.out) as loop:
-        loop.resume(resume)
+        loop.resume(resume, overwrite=overwrite, config=resolved)
         if (
             run.acc.is_main_process
-        ):  # after every check and the resume: a failed start rewrites nothing
-            save_config(resolved_config(cfg, run.prior_cfg), run.out / "config.yaml")
+        ):  # after the checks and the resume: a failed start writes nothing
+            save_config(resolved, run.out / "config.yaml")
         if cfg.runtime.tracker != "none":
             run.acc.init_trackers("prior")
         hooks = {
@@ -189,7 +192,9 @@ def evaluate(run: PriorRun, loop: TrainLoop, step: int) -> None:
         sums += torch.stack([nll.sum(), correct.sum(), count.sum()]).double()
     objective.train()
     total = max(float(sums[2]), 1.0)
-    loop.log.log(step, {"val_loss": float(sums[0]) / total, "val_accuracy": float(sums[1]) / total})
+    values = {"val_loss": float(sums[0]) / total, "val_accuracy": float(sums[1]) / total}
+    loop.log.log(step, values)
+    loop.say(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
 
 def sampling_model(run: PriorRun) -> nn.Module | None:

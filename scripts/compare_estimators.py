@@ -18,6 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from tokenizer.train_config import TokenizerTrainConfig  # noqa: E402
+from training import cli  # noqa: E402
+from training.config import load_config  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train_tokenizer.py"
 ESTIMATORS = ("ste", "rotation")
@@ -25,7 +31,7 @@ METRICS = ("psnr", "ssim", "codebook_usage", "perplexity")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser(__doc__)
     parser.add_argument(
         "--config", type=Path, default=ROOT / "configs" / "tokenizer" / "photos.yaml"
     )
@@ -50,7 +56,8 @@ def run_one(args: argparse.Namespace, estimator: str) -> dict[str, float]:
     ]
     if args.steps is not None:
         overrides.append(f"runtime.max_steps={args.steps}")
-    cmd = [sys.executable, str(TRAIN), "--config", str(args.config), "--output-dir", str(out)]
+    cmd = [sys.executable, str(TRAIN), "--config", str(args.config), "--output-dir", str(out),
+           "--overwrite"]  # fmt: skip
     start = time.perf_counter()
     subprocess.run([*cmd, *overrides], cwd=ROOT, check=True)
     seconds = time.perf_counter() - start
@@ -63,6 +70,7 @@ def run_one(args: argparse.Namespace, estimator: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    load_config(TokenizerTrainConfig, args.config, args.overrides)  # a bad key fails here, once
     runs = {estimator: run_one(args, estimator) for estimator in ESTIMATORS}
     report = {
         "config": str(
@@ -81,5 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def console() -> None:
+    """The installed command's entry point: user errors as one line."""
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    main()
+    console()

@@ -21,18 +21,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from evaluation.judge import dataset_images
-from evaluation.judge_cache import load_or_train_judge
-from evaluation.plots import plot_guidance
-from evaluation.real_data import real_data
-from evaluation.runner import SampleOptions, evaluate_generation
-from sampling import Pipeline
-from tokenizer.images import image_grid, to_pil
-from tokenizer.metrics import reconstruction_metrics
-from training.config import parse_cli
-from training.serialization import atomic_write_text
+import torch  # noqa: E402
+
+from evaluation.judge import dataset_images  # noqa: E402
+from evaluation.judge_cache import load_or_train_judge  # noqa: E402
+from evaluation.plots import plot_guidance  # noqa: E402
+from evaluation.real_data import real_data  # noqa: E402
+from evaluation.runner import SampleOptions, evaluate_generation  # noqa: E402
+from sampling import Pipeline  # noqa: E402
+from tokenizer.images import image_grid, to_pil  # noqa: E402
+from tokenizer.metrics import reconstruction_metrics  # noqa: E402
+from training import cli  # noqa: E402
+from training.config import parse_cli  # noqa: E402
+from training.serialization import atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,5 +209,10 @@ def main(argv: list[str] | None = None) -> None:
           f" tokenizer/final, prior/final, draft/final")  # fmt: skip
 
 
+def console() -> None:
+    """The installed command's entry point: user errors as one line."""
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    main()
+    console()

@@ -16,31 +16,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from evaluation.judge import JudgeTrainConfig, dataset_images
-from evaluation.judge_cache import load_or_train_judge
-from evaluation.plots import plot_guidance
-from evaluation.real_data import real_data
-from evaluation.runner import SampleOptions, evaluate_generation
-from sampling.logits import SamplingConfig
-from tokenizer.images import image_grid, to_pil
-from tokenizer.metrics import reconstruction_metrics
-from tokenizer.model import Tokenizer
-from training.serialization import atomic_write_text
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from evaluation.judge import JudgeTrainConfig, dataset_images  # noqa: E402
+from evaluation.judge_cache import load_or_train_judge  # noqa: E402
+from evaluation.plots import plot_guidance  # noqa: E402
+from evaluation.real_data import real_data  # noqa: E402
+from evaluation.runner import SampleOptions, evaluate_generation  # noqa: E402
+from sampling.logits import SamplingConfig  # noqa: E402
+from tokenizer.images import image_grid, to_pil  # noqa: E402
+from tokenizer.metrics import reconstruction_metrics  # noqa: E402
+from tokenizer.model import Tokenizer  # noqa: E402
+from training import cli  # noqa: E402
+from training.serialization import atomic_write_text  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.parser(__doc__)
     p.add_argument("--tokenizer", type=Path, required=True, help="trained tokenizer directory")
     p.add_argument("--prior", type=Path, default=None, help="prior directory (generation scores)")
-    p.add_argument("--data", default="digits", choices=["digits", "shapes", "photos"])
+    p.add_argument("--data", default=None,
+                   help="any source the trainers accept (embedded name, image folder, saved "
+                        "dataset, parquet); default: the tokenizer's own training data")  # fmt: skip
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0], help="CFG scales")
     p.add_argument(
         "--plausibility", type=float, default=0.0, help="CFG cutoff alpha (0 = off), see guidance"
@@ -59,14 +64,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--print-config", action="store_true", help="print the options (YAML), exit")
     return p.parse_args(argv)
+
+
+def data_source(tokenizer_dir: Path, requested: str | None) -> str:
+    """The dataset to score on: `requested`, else the one recorded in the tokenizer's run
+    (config.yaml beside final/). Scoring on another dataset is allowed, and said."""
+    recorded = tokenizer_dir.parent / "config.yaml"
+    trained_on = (
+        OmegaConf.select(OmegaConf.load(recorded), "data.source") if recorded.is_file() else None
+    )
+    if requested is None:
+        if trained_on is None:
+            raise ValueError(
+                f"--data is needed: {recorded} does not say what {tokenizer_dir} was trained on"
+            )
+        return str(trained_on)
+    if trained_on is not None and str(trained_on) != requested:
+        print(f"note: {tokenizer_dir} was trained on {trained_on}; scoring it on {requested}",
+              file=sys.stderr)  # fmt: skip
+    return requested
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.print_config:
+        print(cli.options_yaml(args), end="")
+        return {}
     if args.n_per_class < 1:
         raise ValueError(f"--n-per-class must be >= 1, got {args.n_per_class}")
     tokenizer = Tokenizer.from_pretrained(str(args.tokenizer)).to(args.device).eval()
+    args.data = data_source(args.tokenizer, args.data)
     data = real_data(args.data, tokenizer.config.resolution, seed=args.seed)
     metrics: dict[str, Any] = {"data": args.data, "resolution": tokenizer.config.resolution}
     out_dir = args.out.parent
@@ -137,5 +166,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return metrics
 
 
+def console() -> None:
+    """The installed command's entry point: user errors as one line."""
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    main()
+    console()

@@ -12,15 +12,19 @@ the clean view 0, so a prior trained on a small dataset does not just memorise i
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from tokenizer.export import ExportConfig, export_tokens
-from tokenizer.model import Tokenizer
-from tokenizer.sources import DataConfig, load_image_dataset
-from training.config import load_config
-from training.runtime import RuntimeConfig, build_accelerator
+from omegaconf import OmegaConf  # noqa: E402
+
+from tokenizer.export import ExportConfig, export_tokens  # noqa: E402
+from tokenizer.model import Tokenizer  # noqa: E402
+from tokenizer.sources import DataConfig, SplitNotFoundError, load_split  # noqa: E402
+from training import cli  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.runtime import RuntimeConfig, build_accelerator  # noqa: E402
 
 # one-release aliases: old flags -> ExportConfig keys (the config is the one place they live)
 FLAG_ALIASES = {
@@ -34,16 +38,21 @@ SWITCH_ALIASES = {"--flip": "augment.flip=true", "--no-progress": "progress=fals
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, ExportConfig]:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.parser(__doc__)
     p.add_argument("--tokenizer", type=Path, required=True, help="trained tokenizer directory")
     p.add_argument("--data", required=True, help="digits | photos | shapes | a path | a Hub name")
-    p.add_argument("--out", type=Path, required=True, help="export directory (created atomically)")
+    p.add_argument("--output-dir", "--out", dest="out", type=Path, required=True,
+                   help="export directory, created atomically (--out: the old name)")  # fmt: skip
     p.add_argument("--split", default="train", help="source split (default: train)")
     p.add_argument("--max-samples", type=int, default=None, help="only the first N source images")
     p.add_argument("--config", type=Path, default=None, help="YAML file of ExportConfig keys")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    p.add_argument(
+        "--holdout",
+        action="store_true",
+        help="a source without a 'test' split: carve one (10%% of the images, seeded, as the "
+        "tokenizer trainer does) for --split test, and leave it out of --split train",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     for flag, key in FLAG_ALIASES.items():
         p.add_argument(flag, dest=key, default=None, help=f"same as {key}=VALUE")
@@ -70,8 +79,12 @@ def main(argv: list[str] | None = None) -> None:
         resolution=tokenizer.config.resolution,
         interpolation=cfg.image_interpolation,
         max_samples=args.max_samples,
+        eval_split="test" if args.holdout else None,
     )
-    dataset = load_image_dataset(data_cfg, args.split)
+    try:
+        dataset = load_split(data_cfg, args.split)
+    except SplitNotFoundError as err:
+        raise SplitNotFoundError(f"{err}; --holdout carves a held-out 'test' split") from None
     source = {
         "data": args.data,
         "split": args.split,
@@ -83,5 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     acc.print(f"wrote {out} ({len(dataset)} images x {cfg.views} views)")
 
 
+def console() -> None:
+    """The installed command's entry point: user errors as one line."""
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    main()
+    console()

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from sampling import Pipeline
-from sampling.generate import METHODS
-from tokenizer.images import image_grid
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from sampling import Pipeline  # noqa: E402
+from sampling.generate import METHODS  # noqa: E402
+from tokenizer.images import image_grid  # noqa: E402
+from training import cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.parser(__doc__)
     p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer directory (final/)")
     p.add_argument("--prior", type=Path, required=True, help="prior directory (final/)")
     p.add_argument("--draft", type=Path, default=None, help="draft prior for speculative/relaxed")
@@ -36,9 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--plausibility", type=float, default=0.0, help="CFG cutoff: drop p < alpha * max p (cond)"
     )
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--num-images-per-prompt", "--n", dest="n", type=int, default=4,
+                   help="images per prompt (--n: the old name)")  # fmt: skip
     p.add_argument("--method", default="ar", choices=METHODS)
-    p.add_argument("--steps", type=int, default=None, help="MaskGIT steps (default 8)")
+    p.add_argument("--num-steps", "--steps", dest="steps", type=int, default=None,
+                   help="MaskGIT steps (default 8; --steps: the old name)")  # fmt: skip
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -47,11 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=Path("samples.png"))
     p.add_argument("--codes", type=Path, default=None, help="also save the codes as .npy")
+    p.add_argument("--print-config", action="store_true", help="print the options (YAML), exit")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.print_config:
+        print(cli.options_yaml(args), end="")
+        return
     pipe = Pipeline.from_pretrained(args.tokenizer, args.prior, args.draft, device=args.device)
     prompts = args.prompt or (pipe.class_names or ["0"])
     out = pipe(
@@ -79,5 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(report))
 
 
+def console() -> None:
+    """The installed command's entry point: user errors as one line."""
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    main()
+    console()

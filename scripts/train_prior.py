@@ -11,18 +11,22 @@ Sample grids (output_dir/samples/step_XXXXXX.png) use the decoding algorithms in
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from prior.conditioning import Condition
-from prior.train_config import PriorTrainConfig, SampleConfig
-from prior.trainer import Sampler, train
-from sampling.generate import DecodeOptions, generate_codes
-from sampling.guidance import GuidanceSchedule
-from sampling.logits import SamplingConfig
-from training.config import parse_cli
-from training.distributed import shutdown_distributed
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from prior.conditioning import Condition  # noqa: E402
+from prior.train_config import PriorTrainConfig, SampleConfig  # noqa: E402
+from prior.trainer import Sampler, train  # noqa: E402
+from sampling.generate import DecodeOptions, generate_codes  # noqa: E402
+from sampling.guidance import GuidanceSchedule  # noqa: E402
+from sampling.logits import SamplingConfig  # noqa: E402
+from training import cli  # noqa: E402
+from training.config import parse_cli  # noqa: E402
+from training.distributed import shutdown_distributed  # noqa: E402
 
 
 def make_sampler(cfg: SampleConfig) -> Sampler:
@@ -46,9 +50,20 @@ def make_sampler(cfg: SampleConfig) -> Sampler:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_cli(PriorTrainConfig, argv, description=__doc__)
-    train(cfg, args.output_dir, args.resume, sampler=make_sampler(cfg.sample))
+    train(
+        cfg,
+        args.output_dir,
+        args.resume,
+        overwrite=args.overwrite,
+        sampler=make_sampler(cfg.sample),
+    )
     shutdown_distributed()
 
 
+def console() -> None:
+    """The installed command's entry point: user errors as one line."""
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    console()

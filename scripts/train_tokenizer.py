@@ -16,15 +16,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from tokenizer.trainer import TokenizerTrainConfig, train  # noqa: E402
+from training import cli  # noqa: E402
 from training.config import parse_cli  # noqa: E402
 from training.distributed import shutdown_distributed  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_cli(TokenizerTrainConfig, argv, description=__doc__.splitlines()[0])
-    train(cfg, args.output_dir, args.resume)
+    train(cfg, args.output_dir, args.resume, overwrite=args.overwrite)
     shutdown_distributed()
 
 
+def console() -> None:
+    """The installed command's entry point: user errors as one line."""
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    main()
+    console()

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
@@ -210,6 +211,23 @@ class Tokenizer(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
 
     def _decode_latent(self, quant: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(quant), quant)  # [B, C, H, W]
+
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """PIL images or uint8 arrays (one or a list; any size) -> float [B, 3, R, R] in [-1, 1]
+        on this tokenizer's device: the shorter side resized to R, centre-cropped (as training
+        and export see images)."""
+        from tokenizer.data import ImageTransform  # data -> sources -> embedded: kept lazy
+
+        items = images if isinstance(images, list | tuple) else [images]
+        transform = ImageTransform(self.config.resolution, upscale=True)
+        batch = torch.stack([transform(item) for item in items])  # [B, 3, R, R]
+        return batch.to(next(self.parameters()).device)
+
+    def postprocess(self, images: torch.Tensor) -> list:
+        """Decoded images [B, 3, H, W] (not clamped) -> PIL images (clamped to [-1, 1])."""
+        from tokenizer.images import to_pil
+
+        return to_pil(images)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] in [-1, 1] -> codes [B, h, w] (or [B, h, w, D]).

@@ -74,9 +74,16 @@ class DataConfig:
 
 
 # ---- sources ------------------------------------------------------------------------------------
+class SplitNotFoundError(ValueError):
+    """The source has no split of that name."""
+
+
 def _pick_split(splits: dict[str, Any], split: str, source: str) -> Any:
     if split not in splits:
-        raise ValueError(f"split {split!r} not found in {source}; available: {sorted(splits)}")
+        raise SplitNotFoundError(
+            f"split {split!r} not found in {source}; available: {sorted(splits)} (the trainers "
+            f"and scripts carve a held-out split themselves; data.eval_split=null skips it)"
+        )
     return splits[split]
 
 
@@ -273,3 +280,45 @@ def load_image_dataset(cfg: DataConfig, split: str = "train") -> datasets.Datase
     if "index" in ds.column_names:
         ds = ds.remove_columns("index")
     return ds.add_column("index", list(range(len(ds))))
+
+
+HOLDOUT_FRACTION = 0.1  # of the images, when a source has no held-out split of its own
+HOLDOUT_SEED = 0
+
+
+def has_split(cfg: DataConfig, split: str) -> bool:
+    """Whether `cfg.source` has `split` of its own (Hub datasets are assumed to)."""
+    if cfg.source in NAMES:
+        return split in ("train", "test")
+    path = Path(cfg.source).expanduser()
+    if path.is_file():
+        return split == "train"
+    if not path.is_dir():
+        return True  # a Hub name: let the load say what it has
+    if (path / "dataset_dict.json").is_file():
+        return split in json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    if (path / "state.json").is_file() or any(path.rglob("*.parquet")):
+        return split == "train"
+    dirs = {d.name for d in path.iterdir() if d.is_dir() and d.name in SPLIT_DIRS}
+    return split in dirs if dirs else split == "train"
+
+
+def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """`split` of the source, like `load_image_dataset`, except that a source without the
+    held-out split `cfg.eval_split` gets one carved from its training split: 10 % of the images,
+    seeded, the same every call, so the training split (`cfg.train_split`) leaves them out."""
+    held = cfg.eval_split
+    if held is None or split not in (held, cfg.train_split) or has_split(cfg, held):
+        return load_image_dataset(cfg, split)
+    full = load_image_dataset(cfg, cfg.train_split)
+    if len(full) < 2:
+        raise ValueError(f"{cfg.source}: {len(full)} image(s) cannot be split into train and {held!r}")
+    parts = full.train_test_split(test_size=HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
+    warnings.warn(
+        f"{cfg.source} has no {held!r} split: held out {len(parts['test'])} of {len(full)} images "
+        f"({HOLDOUT_FRACTION:.0%}, seed {HOLDOUT_SEED}) as {held!r}; the training split keeps "
+        f"{len(parts['train'])}",
+        stacklevel=2,
+    )
+    part = parts["test"] if split == held else parts["train"]
+    return part.remove_columns("index").add_column("index", list(range(len(part))))  # per split

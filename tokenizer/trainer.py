@@ -34,7 +34,7 @@ from tokenizer.images import image_grid, save_png, to_pil
 from tokenizer.losses import TokenizerLoss
 from tokenizer.metrics import reconstruction_metrics
 from tokenizer.model import Tokenizer
-from tokenizer.sources import load_image_dataset
+from tokenizer.sources import load_split
 from tokenizer.train_config import DiscOptimConfig, EvalConfig, TokenizerTrainConfig
 from training.config import save_config
 from training.distributed import rank_mean
@@ -72,13 +72,18 @@ class TokenizerRun:
 
 
 def train(
-    cfg: TokenizerTrainConfig, output_dir: str | Path, resume: str | None = None
+    cfg: TokenizerTrainConfig,
+    output_dir: str | Path,
+    resume: str | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, float]:
     """Train, evaluate and save `output_dir/final/`; returns the final held-out metrics.
-    `resume`: "latest" or a checkpoint folder."""
+    `resume`: "latest" or a checkpoint folder; `overwrite`: start over in a folder that holds
+    a run."""
     run = setup(cfg, Path(output_dir))
     with TrainLoop(run.acc, cfg.runtime, run.out) as loop:
-        loop.resume(resume)
+        loop.resume(resume, overwrite=overwrite, config=cfg)
         if (
             run.acc.is_main_process
         ):  # after the data and the resume: a failed start rewrites nothing
@@ -97,7 +102,7 @@ def setup(cfg: TokenizerTrainConfig, out: Path) -> TokenizerRun:
     (DDP without buffer broadcasts: see the module docstring)."""
     acc = build_accelerator(cfg.runtime, out, broadcast_buffers=False)
     with acc.main_process_first():
-        train_set = load_image_dataset(cfg.data, cfg.data.train_split)
+        train_set = load_split(cfg.data, cfg.data.train_split)
     transform = ImageTransform.from_config(cfg.data, train=True)
     rt = cfg.runtime
     loader = make_dataloader(train_set, rt.batch_size, True, rt.seed, rt.num_workers,
@@ -168,7 +173,7 @@ def discriminator_step(
 def eval_hook(run: TokenizerRun, loop: TrainLoop, step: int) -> None:
     values = evaluate(run.acc, run.eval_model(), run.eval_loader)
     loop.log.log(step, {f"eval/{k}": v for k, v in values.items()})
-    run.acc.print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    loop.say(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
 
 def sample_hook(run: TokenizerRun, step: int) -> None:
@@ -234,7 +239,7 @@ def _eval_data(cfg: TokenizerTrainConfig, acc: Accelerator):
     """(this rank's eval loader, the grid images) from the held-out split (train if none)."""
     split = cfg.data.eval_split or cfg.data.train_split
     with acc.main_process_first():
-        dataset = load_image_dataset(cfg.data, split)
+        dataset = load_split(cfg.data, split)
     if cfg.eval.max_images:
         dataset = dataset.select(range(min(len(dataset), cfg.eval.max_images)))
     transform = ImageTransform.from_config(cfg.data, train=False)

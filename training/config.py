@@ -6,7 +6,6 @@ error that names the key and the file, so a typo never trains the wrong model si
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -44,7 +43,7 @@ def load_config(
     """Build a `schema` instance from defaults, then the YAML `path`, then `key.sub=value` overrides."""
     cfg = OmegaConf.structured(schema)
     if path is not None:
-        path = Path(path)
+        path = find_config(Path(path))
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -93,6 +92,17 @@ def non_finite_fields(obj: Any, prefix: str = "") -> tuple[str, float] | None:
     return None
 
 
+def find_config(path: Path) -> Path:
+    """`path` itself, or for a relative path that does not exist here, the config shipped with
+    the package (`configs/...` beside `training/`), so `--config configs/tokenizer/digits.yaml`
+    also works after `pip install` from any folder."""
+    if path.is_file() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    shipped = Path(__file__).resolve().parents[1] / "configs" / Path(*parts) if parts else path
+    return shipped if shipped.is_file() else path
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config dataclass (JSON/YAML friendly)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -118,17 +128,33 @@ class CliArgs:
     output_dir: Path
     resume: str | None
     overrides: list[str]
+    overwrite: bool = False
 
 
 def parse_cli(
     schema: type[T], argv: Sequence[str] | None = None, description: str = ""
 ) -> tuple[T, CliArgs]:
-    """`--config FILE --output-dir DIR [--resume latest|DIR] [key.sub=value ...]`."""
-    parser = argparse.ArgumentParser(description=description)
+    """`--config FILE --output-dir DIR [--resume latest|DIR] [--overwrite] [--print-config]
+    [key.sub=value ...]`; --print-config prints the resolved config as YAML and exits."""
+    from training.cli import parser as make_parser
+
+    parser = make_parser(description)
     parser.add_argument("--config", type=Path, default=None, help="YAML config file")
     parser.add_argument("--output-dir", type=Path, required=True, help="run directory")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over in a folder that holds a run"
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config (YAML) and exit"
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ns = parser.parse_intermixed_args(argv)  # overrides may come before or after --resume
+    if ns.resume is not None and ns.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
     cfg = load_config(schema, ns.config, ns.overrides)
-    return cfg, CliArgs(ns.config, ns.output_dir, ns.resume, list(ns.overrides))
+    if ns.print_config:
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+        raise SystemExit(0)
+    args = CliArgs(ns.config, ns.output_dir, ns.resume, list(ns.overrides), ns.overwrite)
+    return cfg, args

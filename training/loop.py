@@ -13,13 +13,20 @@ after a resume.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,6 +37,38 @@ from training.runtime import MetricsLog, RuntimeConfig, finite_everywhere
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a NaN/inf loss."""
+
+
+class RunExistsError(ValueError):
+    """The output folder holds a run and neither --resume nor --overwrite was given."""
+
+
+RUN_OUTPUTS = ("config.yaml", "checkpoints", "final", "metrics.jsonl", "eval.json", "samples",
+               "logs", "final_weights.json")  # fmt: skip
+
+
+def check_same_model(recorded: Path, config: Any) -> None:
+    """ValueError naming every `model.*` key where `config` differs from the run's config.yaml
+    (a resumed run with other shapes would fail deep inside load_state, or train the wrong net)."""
+    if not recorded.is_file():
+        return
+    saved = _flat(OmegaConf.to_container(OmegaConf.load(recorded)).get("model", {}), "model")
+    ours = _flat(OmegaConf.to_container(OmegaConf.structured(config)).get("model", {}), "model")
+    changed = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+    if changed:
+        shown = "; ".join(f"{k}: run has {saved.get(k)!r}, config has {ours.get(k)!r}"
+                          for k in changed[:6])  # fmt: skip
+        raise ValueError(f"--resume: the config changes the model of the run in {recorded.parent} "
+                         f"({shown}); resume with the run's config or start a new run")  # fmt: skip
+
+
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= _flat(value, f"{prefix}.{key}")
+    return out
 
 
 class EmptyEpochError(ValueError):
@@ -129,9 +168,19 @@ class TrainLoop:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def resume(self, spec: str | None) -> TrainState:
+    def resume(
+        self, spec: str | None, *, overwrite: bool = False, config: Any = None
+    ) -> TrainState:
         """Load `latest` or a given checkpoint (after `accelerator.prepare`); metrics logged
-        after that step by the interrupted run are dropped, so each step has one row."""
+        after that step by the interrupted run are dropped, so each step has one row.
+
+        Without `spec`, a folder that already holds a run is refused unless `overwrite` (then
+        its outputs are removed first). With `spec` and the run's `config` (a dataclass), a
+        change of any `model.*` key against the run's config.yaml is refused, naming the keys."""
+        if spec is None:
+            self._fresh_folder(overwrite)
+        elif config is not None:
+            check_same_model(self.output_dir / "config.yaml", config)
         path = self.checkpoints.resolve(spec)
         if path is not None:
             self.state = self.checkpoints.load(path)
@@ -140,6 +189,25 @@ class TrainLoop:
         elif spec is not None:
             self.accelerator.print("no complete checkpoint found; starting fresh")
         return self.state
+
+    def _fresh_folder(self, overwrite: bool) -> None:
+        found = [name for name in RUN_OUTPUTS if (self.output_dir / name).exists()]
+        if not found:
+            return
+        if not overwrite:
+            raise RunExistsError(
+                f"{self.output_dir} already holds a run ({', '.join(found)}): pass "
+                f"--resume latest to continue it, or --overwrite to start over"
+            )
+        if self.accelerator.is_main_process:
+            for name in found:  # rename first, then delete: a kill leaves only `.trash-*`
+                trash = self.output_dir / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+                (self.output_dir / name).rename(trash)
+                shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+            self.accelerator.print(
+                f"--overwrite: removed {', '.join(found)} from {self.output_dir}"
+            )
+        self.accelerator.wait_for_everyone()
 
     def _batches(self, loader):
         if hasattr(loader, "set_epoch"):
@@ -157,12 +225,13 @@ class TrainLoop:
         """Train; `hooks` maps 'eval' / 'sample' to callables run every `eval_every` / `sample_every`."""
         hooks = hooks or {}
         cfg, state = self.cfg, self.state
-        bar = tqdm(
+        self._bar = bar = tqdm(
             total=cfg.max_steps,
             initial=state.step,
-            disable=not (cfg.progress and self.accelerator.is_main_process),
+            disable=not (cfg.progress and self.accelerator.is_main_process and _terminal()),
             desc="train",
         )
+        self._started = (time.perf_counter(), state.step)
         running: dict[str, list[float]] = {}
         while state.step < cfg.max_steps:
             start = state.batches_in_epoch
@@ -206,6 +275,19 @@ class TrainLoop:
                 f"last good checkpoint: {last if last else 'none'}"
             )
 
+    def say(self, text: str) -> None:
+        """A line for the person watching, on its own line above the progress bar (main process)."""
+        if self.accelerator.is_main_process:
+            bar = getattr(self, "_bar", None)
+            (bar.write if bar is not None and not bar.disable else print)(text)
+            sys.stdout.flush()
+
+    def _summary(self, step: int, means: dict[str, float]) -> str:
+        start, first = self._started
+        rate = (step - first) / max(time.perf_counter() - start, 1e-9)
+        shown = ", ".join(f"{k} {means[k]:.4g}" for k in ("loss", "accuracy", "lr") if k in means)
+        return f"step {step}/{self.cfg.max_steps}: {shown} ({rate:.2f} steps/s)"
+
     def _periodic(self, running: dict[str, list[float]], hooks: dict[str, Hook], bar) -> None:
         step = self.state.step
         if step % self.cfg.log_every == 0 and running:
@@ -213,6 +295,8 @@ class TrainLoop:
             means["skipped_steps"] = self.state.skipped_steps
             self.log.log(step, means)
             bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}")
+            if bar.disable and self.cfg.progress:  # a file or CI: a summary line, not a bar
+                self.say(self._summary(step, means))
             running.clear()
         if "eval" in hooks and step % self.cfg.eval_every == 0:
             hooks["eval"](step)
@@ -220,6 +304,11 @@ class TrainLoop:
             hooks["sample"](step)
         if step % self.cfg.save_every == 0 and self.state.bad_in_row == 0:
             self.checkpoints.save(self.state)
+
+
+def _terminal() -> bool:
+    """A progress bar only where a person sees it redrawn; files and CI get summary lines."""
+    return sys.stderr.isatty() or os.environ.get("TESSERA_PROGRESS") == "bar"
 
 
 def _empty_epoch_message(loader, accelerator: Accelerator) -> str:

@@ -189,7 +189,7 @@ def load_config_and_weights(
     """
 
     def fetch(name: str) -> str:
-        if download is not None and not os.path.isdir(model_id):
+        if download is not None and not os.path.isdir(model_id) and not looks_local(model_id):
             try:
                 return download(name)
             except Exception as err:  # noqa: BLE001 - any Hub failure: say it is not a folder either
@@ -199,7 +199,7 @@ def load_config_and_weights(
                 ) from err
         path = os.path.join(model_id, name)
         if not os.path.isdir(model_id):
-            raise FileNotFoundError(f"{kind} folder {model_id} not found")
+            raise FileNotFoundError(f"{kind} folder {model_id} not found (no such local folder)")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: not a saved {kind} directory")
         return path
@@ -213,6 +213,17 @@ def load_config_and_weights(
     except SafetensorError as err:  # a damaged file: say which one
         raise ValueError(f"{weights}: unreadable safetensors ({err})") from err
     return model.eval()
+
+
+def looks_local(model_id: str) -> bool:
+    """True when `model_id` can only be a local path (not a Hub `namespace/name` repo id): an
+    absolute or ./~ path, more than one '/', or a first component that exists here."""
+    return (
+        os.path.isabs(model_id)
+        or model_id.startswith((".", "~"))
+        or model_id.count("/") > 1
+        or ("/" in model_id and os.path.exists(model_id.split("/")[0]))
+    )
 
 
 def read_config(schema: type[C], path: str | Path) -> C:

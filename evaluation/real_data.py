@@ -35,7 +35,10 @@ def real_data(
     """Train and held-out splits of source `name`. For embedded data whose test split holds
     other classes (photos), a seeded `holdout_fraction` of the training split is held out."""
     if name in NAMES:
-        train, test = load_embedded(name, "train", resolution), load_embedded(name, "test", resolution)
+        train, test = (
+            load_embedded(name, "train", resolution),
+            load_embedded(name, "test", resolution),
+        )
         if not set(test["label"]) <= set(train["label"]):
             split = train.train_test_split(test_size=holdout_fraction, seed=seed)
             train, test = split["train"], split["test"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from evaluation.frechet import frechet_distance
 from evaluation.judge import Judge, dataset_images
@@ -36,6 +37,7 @@ class SampleOptions:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     batch_size: int = 64
     plausibility: float = 0.0  # guidance cutoff alpha (sampling.guidance)
+    progress: bool = False  # a progress bar over the sampling batches
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -57,7 +59,9 @@ def sample_images(
     method = getattr(pipe, "default_method", "ar") if opts.method == "auto" else opts.method
     device = getattr(pipe, "device", torch.device("cpu"))
     out = []
-    for k, start in enumerate(range(0, len(prompts), opts.batch_size)):
+    starts = range(0, len(prompts), opts.batch_size)
+    for k, start in enumerate(tqdm(starts, desc=f"sample (guidance {guidance_scale:g})",
+                                   disable=not opts.progress, mininterval=5)):  # fmt: skip
         generator = torch.Generator(device=device).manual_seed(seed + k)
         result = pipe(
             list(prompts[start : start + opts.batch_size]),

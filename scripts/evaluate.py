@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pipe = Pipeline.from_pretrained(args.tokenizer, args.prior, device=args.device)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         options = SampleOptions(
-            args.method, args.num_steps, sampling, args.batch_size, args.plausibility
+            args.method, args.num_steps, sampling, args.batch_size, args.plausibility, progress=True
         )
 
         inception_runs: dict[float, dict[str, float]] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,6 +173,7 @@ def _encode_shard(
     views = torch.arange(cfg.views)
     written = 0
     writer = ArrowWriter(features=features, path=str(path))
+    show = show and sys.stderr.isatty()  # a bar where a person sees it redrawn; files get "wrote"
     bar = tqdm(total=len(rows) * cfg.views, disable=not show, desc="export", unit="img")
     for batch in loader:
         index = batch["index"]  # [b]
@@ -294,7 +296,7 @@ def _merge(
         num_samples=len(merged), export=asdict(cfg),
     )  # fmt: skip
     bars = datasets.is_progress_bar_enabled()
-    if not cfg.progress:
+    if not (cfg.progress and sys.stderr.isatty()):
         datasets.disable_progress_bars()
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:

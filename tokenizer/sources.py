@@ -312,7 +312,9 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
         return load_image_dataset(cfg, split)
     full = load_image_dataset(cfg, cfg.train_split)
     if len(full) < 2:
-        raise ValueError(f"{cfg.source}: {len(full)} image(s) cannot be split into train and {held!r}")
+        raise ValueError(
+            f"{cfg.source}: {len(full)} image(s) cannot be split into train and {held!r}"
+        )
     parts = full.train_test_split(test_size=HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
     warnings.warn(
         f"{cfg.source} has no {held!r} split: held out {len(parts['test'])} of {len(full)} images "

@@ -24,7 +24,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from tqdm.auto import trange
 
-from tokenizer.images import affine_warp
+from tokenizer.images import affine_warp, to_tensor_images
 from training.config import from_dict
 from training.serialization import SafetensorsConfigMixin
 
@@ -120,7 +120,7 @@ def dataset_images(
         if len(shapes) > 1:
             raise ValueError(f"dataset images differ in size ({sorted(shapes)}); resize them first")
         shape = arrays[0].shape
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = to_tensor_images(np.stack(arrays))  # [n, 3, H, W] in [-1, 1]
         parts.append(x if resolution is None else resize_images(x, resolution))  # [n, 3, H, W]
     if not parts:
         raise ValueError("dataset has no images")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     pipe = Pipeline.from_pretrained(args.tokenizer, args.prior, args.draft, device=args.device)
     prompts = args.prompt or (pipe.class_names or ["0"])
+    print(f"generating {len(prompts) * args.n} images ({args.method}, guidance {args.guidance:g}) "
+          f"on {pipe.device} ...", file=sys.stderr, flush=True)  # fmt: skip
+    start = time.perf_counter()
     out = pipe(
         prompts,
         guidance_scale=args.guidance,
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     image_grid(out.images, cols=args.n).save(args.out)
     if args.codes is not None:
         np.save(args.codes, out.codes.cpu().numpy().astype(np.uint16))
-    report = {"out": str(args.out), "images": len(out.images), "method": args.method}
+    report = {"out": str(args.out), "images": len(out.images), "method": args.method,
+              "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
     if out.stats is not None:
         report |= {k: v for k, v in out.stats.as_dict().items() if k != "draft_lengths"}
     print(json.dumps(report))

@@ -543,3 +543,12 @@ def test_huge_sizes_in_config_json_are_refused_before_allocating(pipe, tmp_path)
     (tmp_path / "tok" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"config\.json: .*2147483648 codes, more than 65536"):
         Tokenizer.from_pretrained(tmp_path / "tok")
+
+
+def test_checkpoint_of_an_older_version_resumes_unverified_with_a_warning(finished_toy, tmp_path):
+    """Checkpoints written before manifests existed still resume (and say they are unverified)."""
+    run = copy_run(finished_toy, tmp_path)
+    (checkpoints(run) / "step_000012" / "checkpoint.json").unlink()
+    with pytest.warns(UserWarning, match=r"step_000012 has no checkpoint\.json"):
+        resume(run)
+    assert (checkpoints(run) / "step_000015" / "checkpoint.json").is_file()

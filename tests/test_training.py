@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.checkpoint import CheckpointManager, write_manifest
+from training.checkpoint import CheckpointManager
 from training.config import ConfigError, from_dict, load_config, save_config, to_dict
 from training.ema import EMA
 from training.runtime import OptimConfig, RuntimeConfig
@@ -96,9 +96,7 @@ def test_latest_ignores_half_written(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step_000002").mkdir(parents=True)
     (root / "step_000002" / "trainer_state.json").write_text("{}")
-    write_manifest(root / "step_000002", 2)  # the manifest is written last: complete
-    (root / "step_000004").mkdir()
-    (root / "step_000004" / "trainer_state.json").write_text("{}")  # no manifest: half-written
+    (root / "step_000004").mkdir()  # no trainer_state.json: half-written
     (root / ".tmp-step_000006").mkdir()
     (root / "latest").write_text("step_000004")
     assert manager.latest() == root / "step_000002"

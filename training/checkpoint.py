@@ -3,7 +3,7 @@
 Writing: every rank saves into a uniquely named temporary folder (`.tmp-step_000100-<token>`);
 the main process then writes `trainer_state.json` and, last, `checkpoint.json` (every file's
 size and sha256, and the step), flushes them to disk, and renames the folder into place. A
-folder is complete when its manifest exists: a SIGKILL mid-save leaves only a `.tmp-*` folder.
+folder is renamed into place only once both exist: a SIGKILL mid-save leaves only a `.tmp-*` folder.
 Resuming verifies the manifest, so a missing, truncated or modified file is refused naming it.
 Old checkpoints are pruned by renaming them to `.trash-*` first, so a kill mid-prune never
 leaves a half-deleted folder that looks like a checkpoint. Leftover `.tmp-*` / `.trash-*`
@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def step_dir_name(step: int) -> str:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / MANIFEST).is_file() and (path / STATE_FILE).is_file()
+    """A checkpoint folder under its final name holds its trainer state (a save is renamed into
+    place only after the state and the manifest are written; older versions wrote no manifest)."""
+    return (path / STATE_FILE).is_file()
 
 
 def write_manifest(folder: Path, step: int) -> None:
@@ -74,6 +77,10 @@ def write_manifest(folder: Path, step: int) -> None:
 def verify_checkpoint(path: Path) -> TrainState:
     """The checkpoint's TrainState after checking every file against the manifest and the step
     against the folder name; CheckpointError naming the file otherwise."""
+    if not (path / MANIFEST).is_file():  # written by a version before manifests
+        warnings.warn(f"{path} has no {MANIFEST} (an older checkpoint): its files are not verified",
+                      stacklevel=2)  # fmt: skip
+        return _check_step(path, _read_state(path / STATE_FILE), None)
     manifest = _read_json(path / MANIFEST)
     listed = manifest.get("files")
     if not isinstance(listed, dict):
@@ -88,9 +95,15 @@ def verify_checkpoint(path: Path) -> TrainState:
     extra = sorted(present - set(listed) - {MANIFEST})
     if extra:
         raise CheckpointError(f"{path}: files not written by the checkpoint: {', '.join(extra)}")
-    state = _read_state(path / STATE_FILE)
+    return _check_step(path, _read_state(path / STATE_FILE), manifest.get("step"))
+
+
+def _check_step(path: Path, state: TrainState, manifest_step: int | None) -> TrainState:
+    """The step the trainer state, the manifest and the folder name claim must agree."""
     named = STEP_NAME.fullmatch(path.name)
-    claims = {"trainer_state.json": state.step, MANIFEST: manifest.get("step")}
+    claims = {"trainer_state.json": state.step}
+    if manifest_step is not None:
+        claims[MANIFEST] = manifest_step
     if named:
         claims[f"the folder name {path.name}"] = int(named.group(1))
     if len(set(claims.values())) != 1:
@@ -212,9 +225,9 @@ class CheckpointManager:
         if spec == LATEST:
             return self.latest()
         path = Path(spec)
-        if not is_complete(path):
+        if not (STEP_NAME.fullmatch(path.name) and is_complete(path)):
             raise CheckpointError(
-                f"--resume {spec}: not a complete checkpoint (no {MANIFEST} / {STATE_FILE} in it)"
+                f"--resume {spec}: not a complete checkpoint (a step_NNNNNN folder with {STATE_FILE})"
             )
         return path
 

@@ -1,7 +1,7 @@
 """Straight-through vs rotation-trick gradients: one config trained twice, nothing else changed.
 
     python scripts/compare_estimators.py [--config configs/tokenizer/photos.yaml] \
-        [--output-dir outputs/compare_estimators] [--steps N] [key.sub=value ...]
+        [--output-dir outputs/compare_estimators] [--max-steps N] [key.sub=value ...]
 
 Both runs use the same config, seed, data order and number of steps; only
 `model.quantizer.estimator` differs. Prints and writes `OUTPUT_DIR/compare_estimators.json` with
@@ -36,11 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config", type=Path, default=ROOT / "configs" / "tokenizer" / "photos.yaml"
     )
     parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs" / "compare_estimators")
-    parser.add_argument("--steps", type=int, default=None, help="runtime.max_steps for both runs")
+    parser.add_argument("--max-steps", "--steps", dest="steps", type=int, default=None,
+                        help="runtime.max_steps for both runs (--steps: the old name)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides for both runs")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+        parser.error(f"--max-steps must be >= 1, got {args.steps}")
     if any(o.startswith("model.quantizer.estimator=") for o in args.overrides):
         parser.error("model.quantizer.estimator is what this script varies; do not override it")
     return args

@@ -31,7 +31,7 @@ from evaluation.plots import plot_guidance  # noqa: E402
 from evaluation.real_data import real_data  # noqa: E402
 from evaluation.runner import SampleOptions, evaluate_generation  # noqa: E402
 from sampling import Pipeline  # noqa: E402
-from tokenizer.images import image_grid, to_pil  # noqa: E402
+from tokenizer.images import image_grid, save_png, to_pil, viewing_grid  # noqa: E402
 from tokenizer.metrics import reconstruction_metrics  # noqa: E402
 from training import cli  # noqa: E402
 from training.config import parse_cli  # noqa: E402
@@ -143,7 +143,7 @@ def sample_grids(cfg: DemoConfig, pipe: Pipeline, out: Path) -> dict[str, dict]:
                       method=method, draft_len=draft_len,
                       num_images_per_prompt=cfg.grid_per_prompt, generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
         seconds = time.perf_counter() - start
-        image_grid(result.images, cols=cfg.grid_per_prompt).save(out / name)
+        save_png(viewing_grid(result.images, cfg.grid_per_prompt, labels=list(prompts)), out / name)
         report[method] = {
             "seconds": round(seconds, 2),
             "images": len(result.images),
@@ -182,9 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     metrics["judge"] = {k: judge_report[k] for k in judge_report if k != "train_config"}
 
     def save_eval_grid(scale: float, images: torch.Tensor) -> None:
-        image_grid(to_pil(images), cols=cfg.eval_per_class).save(
-            out / f"eval_guidance_{scale:g}.png"
-        )
+        grid = image_grid(to_pil(images), cols=cfg.eval_per_class)
+        save_png(grid, out / f"eval_guidance_{scale:g}.png")
 
     metrics["generation"] = evaluate_generation(
         pipe,

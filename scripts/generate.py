@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from sampling import Pipeline  # noqa: E402
 from sampling.generate import METHODS  # noqa: E402
-from tokenizer.images import image_grid  # noqa: E402
+from tokenizer.images import image_grid, save_png, viewing_grid  # noqa: E402
 from training import cli  # noqa: E402
 
 
@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=Path("samples.png"))
     p.add_argument("--codes", type=Path, default=None, help="also save the codes as .npy")
+    p.add_argument(
+        "--no-labels",
+        dest="labels",
+        action="store_false",
+        help="a plain grid at the model's resolution (default: enlarged, labelled rows)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the options (YAML), exit")
     return p.parse_args(argv)
 
@@ -82,7 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         generator=torch.Generator(pipe.device).manual_seed(args.seed),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(out.images, cols=args.n).save(args.out)
+    labels = [str(p) for p in prompts]  # one row per prompt
+    grid = (
+        viewing_grid(out.images, args.n, labels=labels)
+        if args.labels
+        else image_grid(out.images, args.n)
+    )
+    save_png(grid, args.out)
     if args.codes is not None:
         np.save(args.codes, out.codes.cpu().numpy().astype(np.uint16))
     report = {"out": str(args.out), "images": len(out.images), "method": args.method,

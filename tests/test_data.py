@@ -269,3 +269,22 @@ def test_data_config_validation() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # embedded sources are never verified or warned about
         load_image_dataset(DataConfig(source="shapes", resolution=24, max_samples=4), "test")
+
+
+def test_viewing_grid_enlarges_nearest_labels_rows_and_keeps_pixels():
+    from PIL import Image
+
+    from tokenizer.images import image_grid, viewing_grid
+
+    rng = np.random.default_rng(0)
+    cells = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(6)]
+    grid = viewing_grid(cells, 3, labels=["seven", "three"])  # 2 rows of 3, 4x enlarged
+    margin = 8 + 6 * len("three")
+    assert grid.size == (margin + 2 * 2 + 3 * 128 + 2 * 2, 2 * 2 + 2 * 128 + 2)
+    arr = np.asarray(grid)
+    first = arr[2 : 2 + 128, margin + 2 : margin + 2 + 128]  # the first cell
+    np.testing.assert_array_equal(first[::4, ::4], np.asarray(cells[0]))  # nearest: exact pixels
+    plain = image_grid(cells, 3)
+    assert plain.size == (96, 64)
+    with pytest.raises(ValueError, match="3 labels for 2 rows"):
+        viewing_grid(cells, 3, labels=["a", "b", "c"])

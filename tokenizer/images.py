@@ -86,6 +86,15 @@ def image_grid(
     return grid
 
 
+def viewing_grid(
+    images: Sequence[Image.Image], cols: int, *, labels: Sequence[str] | None = None
+) -> Image.Image:
+    """A grid for people: small images enlarged (nearest) to about 128 px per cell, a 2 px gap,
+    one label per row (e.g. the class or the prompt)."""
+    scale = max(1, 128 // max(images[0].size)) if images else 1
+    return image_grid(images, cols, gap=2, background=(40, 40, 40), labels=labels, scale=scale)
+
+
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write a PNG atomically (a reader sees the old file or the new one, never half of one)."""
     path = Path(path)

@@ -552,3 +552,22 @@ def test_checkpoint_of_an_older_version_resumes_unverified_with_a_warning(finish
     with pytest.warns(UserWarning, match=r"step_000012 has no checkpoint\.json"):
         resume(run)
     assert (checkpoints(run) / "step_000015" / "checkpoint.json").is_file()
+
+
+def test_a_second_fresh_run_is_refused_and_overwrite_starts_over(finished_toy, tmp_path):
+    from training.loop import RunExistsError
+
+    run = copy_run(finished_toy, tmp_path)
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunExistsError, match="already holds a run"):
+        toy_run(run)
+    assert (run / "metrics.jsonl").read_bytes() == before  # nothing rewritten
+    toy_run(run, "--overwrite", "runtime.max_steps=6")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # a new run from step 1, the old rows gone
+    assert sorted(p.name for p in checkpoints(run).iterdir()) == [
+        "latest",
+        "step_000003",
+        "step_000006",
+    ]
+    assert not [p for p in run.iterdir() if p.name.startswith(".trash-")]

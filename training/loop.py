@@ -191,23 +191,21 @@ class TrainLoop:
         return self.state
 
     def _fresh_folder(self, overwrite: bool) -> None:
+        acc = self.accelerator
         found = [name for name in RUN_OUTPUTS if (self.output_dir / name).exists()]
-        if not found:
-            return
-        if not overwrite:
+        acc.wait_for_everyone()  # every rank has looked before anything is removed
+        if found and not overwrite:
             raise RunExistsError(
                 f"{self.output_dir} already holds a run ({', '.join(found)}): pass "
                 f"--resume latest to continue it, or --overwrite to start over"
             )
-        if self.accelerator.is_main_process:
+        if found and acc.is_main_process:
             for name in found:  # rename first, then delete: a kill leaves only `.trash-*`
                 trash = self.output_dir / f".trash-{name}-{uuid.uuid4().hex[:8]}"
                 (self.output_dir / name).rename(trash)
                 shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
-            self.accelerator.print(
-                f"--overwrite: removed {', '.join(found)} from {self.output_dir}"
-            )
-        self.accelerator.wait_for_everyone()
+            acc.print(f"--overwrite: removed {', '.join(found)} from {self.output_dir}")
+        acc.wait_for_everyone()
 
     def _batches(self, loader):
         if hasattr(loader, "set_epoch"):

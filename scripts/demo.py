@@ -162,7 +162,7 @@ def sample_grids(cfg: DemoConfig, pipe: Pipeline, out: Path) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_cli(DemoConfig, argv, description=__doc__)
-    out = Path(args.output_dir)
+    out = Path(args.output_dir).resolve()  # stages run with cwd=ROOT: no relative paths
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()

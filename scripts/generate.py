@@ -53,10 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("samples.png"))
     p.add_argument("--codes", type=Path, default=None, help="also save the codes as .npy")
     p.add_argument(
-        "--no-labels",
-        dest="labels",
-        action="store_false",
-        help="a plain grid at the model's resolution (default: enlarged, labelled rows)",
+        "--view",
+        action="store_true",
+        help="a grid for people: cells enlarged (nearest), one labelled row per prompt",
     )
     p.add_argument("--print-config", action="store_true", help="print the options (YAML), exit")
     return p.parse_args(argv)
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = [str(p) for p in prompts]  # one row per prompt
     grid = (
         viewing_grid(out.images, args.n, labels=labels)
-        if args.labels
+        if args.view
         else image_grid(out.images, args.n)
     )
     save_png(grid, args.out)

@@ -33,7 +33,7 @@ from prior.train_config import PriorTrainConfig, SampleConfig, resolve_prior_con
 from tokenizer.images import image_grid, save_png, to_pil
 from tokenizer.manifest import TokenizerIdentity, unflatten_codes
 from tokenizer.model import Tokenizer
-from training.config import from_dict, save_config
+from training.config import from_dict
 from training.distributed import (
     build_optimization,
     fill_deepspeed_config,
@@ -80,15 +80,9 @@ def train(
     checkpoint folder; `overwrite`: start over in a folder that holds a run; `sampler` draws
     the periodic sample grids (none without it)."""
     run = setup(cfg, Path(output_dir), resume, sampler)
-    resolved = resolved_config(cfg, run.prior_cfg)
+    resolved = resolved_config(cfg, run.prior_cfg)  # what config.yaml records
     with TrainLoop(run.acc, cfg.runtime, run.out) as loop:
-        loop.resume(resume, overwrite=overwrite, config=resolved)
-        if (
-            run.acc.is_main_process
-        ):  # after the checks and the resume: a failed start writes nothing
-            save_config(resolved, run.out / "config.yaml")
-        if cfg.runtime.tracker != "none":
-            run.acc.init_trackers("prior")
+        loop.start(resume, config=resolved, project="prior", overwrite=overwrite)
         hooks = {
             "eval": rng_neutral(lambda step: evaluate(run, loop, step), run.acc.device),
             "sample": rng_neutral(lambda step: make_samples(run, step), run.acc.device),

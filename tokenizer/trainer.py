@@ -36,7 +36,6 @@ from tokenizer.metrics import reconstruction_metrics
 from tokenizer.model import Tokenizer
 from tokenizer.sources import load_split
 from tokenizer.train_config import DiscOptimConfig, EvalConfig, TokenizerTrainConfig
-from training.config import save_config
 from training.distributed import rank_mean
 from training.ema import EMA
 from training.loop import StepOutput, TrainLoop, optimizer_step
@@ -83,13 +82,7 @@ def train(
     a run."""
     run = setup(cfg, Path(output_dir))
     with TrainLoop(run.acc, cfg.runtime, run.out) as loop:
-        loop.resume(resume, overwrite=overwrite, config=cfg)
-        if (
-            run.acc.is_main_process
-        ):  # after the data and the resume: a failed start rewrites nothing
-            save_config(cfg, run.out / "config.yaml")
-            if cfg.runtime.tracker != "none":
-                run.acc.init_trackers("tokenizer")
+        loop.start(resume, config=cfg, project="tokenizer", overwrite=overwrite)
         hooks = {"eval": lambda step: eval_hook(run, loop, step),
                  "sample": lambda step: sample_hook(run, step)}  # fmt: skip
         state = loop.run(run.loader, lambda batch: train_step(run, loop.state.step, batch), hooks)

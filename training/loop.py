@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from training.checkpoint import CheckpointManager, TrainState
+from training.config import save_config
 from training.run_lock import RunFolderBusyError, RunLock, describe_stale
 from training.runtime import MetricsLog, RuntimeConfig, finite_everywhere
 
@@ -167,6 +168,18 @@ class TrainLoop:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def start(
+        self, spec: str | None, *, config: Any, project: str, overwrite: bool = False
+    ) -> TrainState:
+        """`resume`, then record the run's `config.yaml` and start the trackers: after every
+        check, so a start that fails writes nothing into the run folder."""
+        state = self.resume(spec, overwrite=overwrite, config=config)
+        if self.accelerator.is_main_process:
+            save_config(config, self.output_dir / "config.yaml")
+        if self.cfg.tracker != "none":
+            self.accelerator.init_trackers(project)  # main process only (accelerate)
+        return state
 
     def resume(
         self, spec: str | None, *, overwrite: bool = False, config: Any = None

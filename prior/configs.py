@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from tokenizer.manifest import TokenizerIdentity
+from tokenizer.manifest import MAX_CODES, TokenizerIdentity
 
 T = TypeVar("T", bound="PriorConfig")
 
@@ -23,7 +23,7 @@ ARCH_PRESETS: dict[str, dict[str, int]] = {
 SPECIAL_WORDS: list[str] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 # Upper bounds checked before anything is allocated (a 1 KB config.json must not ask for 80 GB).
-MAX_VOCAB = 2**16  # token exports store codes as uint16
+MAX_VOCAB = MAX_CODES  # codes are stored as uint16
 MAX_GRID_SIDE = 1024
 MAX_SEQ_LEN = 2**16  # h * w
 MAX_PARAMS = 20e9  # far above any prior this code trains

@@ -34,11 +34,15 @@ from tqdm.auto import tqdm
 
 from tokenizer.data import ImageTransform, make_dataloader
 from tokenizer.images import affine_warp
-from tokenizer.manifest import CODEBOOK, TokenizerIdentity, build_manifest, write_manifest
+from tokenizer.manifest import (
+    CODEBOOK,
+    MAX_CODES,
+    TokenizerIdentity,
+    build_manifest,
+    write_manifest,
+)
 from tokenizer.model import Tokenizer
 from training.serialization import atomic_dir
-
-MAX_UINT16_CODES = 1 << 16
 
 
 @dataclass
@@ -236,9 +240,9 @@ def export_tokens(
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if tokenizer.codebook_size > MAX_UINT16_CODES:
+    if tokenizer.codebook_size > MAX_CODES:
         raise ValueError(
-            f"codebook_size {tokenizer.codebook_size} does not fit uint16 codes (max {MAX_UINT16_CODES})"
+            f"codebook_size {tokenizer.codebook_size} does not fit uint16 codes (max {MAX_CODES})"
         )
     for col in ("image", "label", "caption", "index"):
         if col not in dataset.column_names:

@@ -22,6 +22,7 @@ CODEBOOK = "codebook.safetensors"
 FORMAT = "tessera-tokens"
 FORMAT_VERSION = 1
 IDENTITY_FIELDS = ("hash", "codebook_size", "grid", "depth")
+MAX_CODES = 1 << 16  # codes are stored as uint16: codebooks and prior vocabularies stay below
 
 
 @dataclass

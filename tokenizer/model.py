@@ -20,7 +20,7 @@ from tokenizer.autoencoder import Decoder, DecoderConfig, Encoder, EncoderConfig
 from tokenizer.manifest import TokenizerIdentity
 from tokenizer.quantizers import QuantizerConfig, QuantizerOutput, build_quantizer
 from training.config import from_dict
-from training.serialization import SafetensorsConfigMixin
+from training.serialization import SafetensorsConfigMixin, hash_tensors
 
 MAX_RESOLUTION = 8192
 MAX_WIDTH = 8192  # channels
@@ -255,11 +255,7 @@ class Tokenizer(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
         (what token manifests and priors record; class names come from the data)."""
         digest = hashlib.sha256()
         digest.update(json.dumps(dataclasses.asdict(self.config), sort_keys=True).encode())
-        state = self.state_dict()
-        for key in sorted(state):
-            t = state[key].detach().cpu().contiguous()
-            digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        hash_tensors(digest, self.state_dict())
         return TokenizerIdentity(
             digest.hexdigest(), self.codebook_size, list(self.grid), self.depth
         )

@@ -120,13 +120,18 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of tensors, in sorted name order."""
-    digest = hashlib.sha256()
+def hash_tensors(digest: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Feed names, dtypes, shapes and bytes of tensors, in sorted name order, into `digest`."""
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Hex sha256 of tensors (see `hash_tensors`)."""
+    digest = hashlib.sha256()
+    hash_tensors(digest, tensors)
     return digest.hexdigest()
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from tokenizer.manifest import MAX_CODES
+
 KINDS = ("vq", "rq", "fsq")
-MAX_CODES = 2**16  # token exports store codes as uint16
 MAX_DEPTH = 64
 ESTIMATORS = ("ste", "rotation")
 

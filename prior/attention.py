@@ -97,6 +97,7 @@ def attention(
     k_cache: Tensor | None = None,
     v_cache: Tensor | None = None,
     cache_seqlens: Tensor | None = None,
+    cache_rows: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Scaled dot-product attention; returns [B, Lq, H, hd].
@@ -108,7 +109,8 @@ def attention(
     cache_seqlens[b] .. cache_seqlens[b] + T - 1 and its queries attend to slots
     < cache_seqlens[b] + T (bottom-right causal among the new ones when `causal`). Slots beyond are
     ignored, so rolling back is just passing a smaller cache_seqlens. `mask` is then over cache
-    slots, [B, 1, T, S].
+    slots, [B, 1, T, S]. cache_rows Long[B]: the cache rows the B queries use (default 0..B-1),
+    so a few rows of a larger cache can be prefilled while the others keep their entries.
     """
     if k_cache is None:
         if v_cache is not None or cache_seqlens is not None:
@@ -120,6 +122,8 @@ def attention(
     if v_cache is None or cache_seqlens is None:
         raise ValueError("k_cache needs v_cache and cache_seqlens")
     kind = _choose(backend, q, mask, cache_dtype=k_cache.dtype)
+    if cache_rows is not None:
+        return _rows_of_cache(q, k, v, k_cache, v_cache, cache_seqlens, cache_rows, causal, mask)
     if kind == "flash":
         return flash_attn_with_kvcache(
             q,
@@ -147,3 +151,23 @@ def attention(
     else:
         out = F.scaled_dot_product_attention(qt, kt.to(q.dtype), vt.to(q.dtype), attn_mask=visible)
     return out.transpose(1, 2)
+
+
+def _rows_of_cache(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    cache_rows: Tensor,
+    causal: bool,
+    mask: Tensor | None,
+) -> Tensor:
+    """Cached attention for queries of cache rows `cache_rows` only (a prefill of joining rows):
+    the rows' caches are gathered, updated and written back; other rows are untouched."""
+    k_rows, v_rows = k_cache[cache_rows], v_cache[cache_rows]  # [B, S, H, hd] copies
+    out = attention(q, k, v, causal=causal, mask=mask, k_cache=k_rows, v_cache=v_rows,
+                    cache_seqlens=cache_seqlens, backend="sdpa")  # fmt: skip
+    k_cache[cache_rows], v_cache[cache_rows] = k_rows, v_rows
+    return out

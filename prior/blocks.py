@@ -66,6 +66,7 @@ class SelfAttention(nn.Module):
         causal: bool,
         mask: Tensor | None,
         cache_seqlens: Tensor | None,
+        cache_rows: Tensor | None = None,
     ) -> Tensor:
         q, k, v = (
             rearrange(w(x), "b l (h d) -> b l h d", h=self.n_heads)
@@ -86,6 +87,7 @@ class SelfAttention(nn.Module):
                 k_cache=self.kv_cache.k,
                 v_cache=self.kv_cache.v,
                 cache_seqlens=cache_seqlens,
+                cache_rows=cache_rows,
             )
         return self.wo(rearrange(out, "b l h d -> b l (h d)"))
 
@@ -111,10 +113,12 @@ class Block(nn.Module):
         causal: bool,
         mask: Tensor | None,
         cache_seqlens: Tensor | None,
+        cache_rows: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.dropout(
-            self.attention(self.attention_norm(x), cos, sin, causal, mask, cache_seqlens)
+        attn = self.attention(
+            self.attention_norm(x), cos, sin, causal, mask, cache_seqlens, cache_rows
         )
+        x = x + self.dropout(attn)
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -178,24 +182,36 @@ class Transformer(nn.Module):
         self.cache_slots = max_slots
         self.cache_key_valid = None
 
-    def prefill(self, x: Tensor, key_valid: Tensor | None) -> Tensor:
+    def prefill(self, x: Tensor, key_valid: Tensor | None, rows: Tensor | None = None) -> Tensor:
         """Write the prefix x [B, P, dim] at slots 0..P-1 (causal) -> [B, P, dim].
 
         key_valid Bool [B, P]: padded prefix keys to hide from every later query (None = all real).
+        rows Long[B]: prefill only these rows of the cache (rows joining a running batch); the
+        other rows keep their entries. None = the whole cache (B must be its batch).
         """
         if self.cache_slots == 0:
             raise ValueError("call setup_caches() before prefill()")
         b, p = x.shape[:2]
-        if b != self.layers[0].attention.kv_cache.batch_size:
-            raise ValueError(
-                f"batch {b} != cache batch {self.layers[0].attention.kv_cache.batch_size}"
-            )
-        self.cache_key_valid = key_valid
+        cache_batch = self.layers[0].attention.kv_cache.batch_size
+        if rows is None and b != cache_batch:
+            raise ValueError(f"batch {b} != cache batch {cache_batch}")
+        if rows is not None and (rows.shape != (b,) or bool((rows >= cache_batch).any())):
+            raise ValueError(f"rows {rows.tolist()} must be {b} rows of the cache's {cache_batch}")
         mask = None
         if key_valid is not None:
             mask = prefix_key_mask(key_valid, torch.arange(p, device=x.device), self.cache_slots)
+            if rows is None:
+                self.cache_key_valid = key_valid
+            else:
+                if self.cache_key_valid is None:
+                    self.cache_key_valid = torch.ones(
+                        cache_batch, p, dtype=torch.bool, device=x.device
+                    )
+                self.cache_key_valid[rows] = key_valid
+        elif rows is None:
+            self.cache_key_valid = None
         start = torch.zeros(b, dtype=torch.long, device=x.device)
-        return self.forward_cached(x, start, mask=mask)
+        return self.forward_cached(x, start, mask=mask, rows=rows)
 
     def decode(self, x: Tensor, start: Tensor) -> Tensor:
         """x [B, T, dim] at slots start[b] .. start[b] + T - 1 after a prefill -> [B, T, dim]."""
@@ -207,16 +223,30 @@ class Transformer(nn.Module):
             mask = prefix_key_mask(self.cache_key_valid, slots, self.cache_slots)
         return self.forward_cached(x, start, mask=mask)
 
-    def forward_cached(self, x: Tensor, start: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    def forward_cached(
+        self, x: Tensor, start: Tensor, *, mask: Tensor | None = None, rows: Tensor | None = None
+    ) -> Tensor:
         """x [B, T, dim] for slots start[b] .. start[b] + T - 1 (causal) -> [B, T, dim].
 
-        Writes the new keys/values into the caches; mask [B, 1, T, S] over cache slots.
+        Writes the new keys/values into the caches (of cache rows `rows`, default 0..B-1);
+        mask [B, 1, T, S] over cache slots.
         """
         slots = start[:, None] + torch.arange(x.shape[1], device=x.device)  # [B, T]
         cos, sin = self.rope_cos[slots], self.rope_sin[slots]  # [B, T, hd]
         for layer in self.layers:
-            x = layer(x, cos, sin, True, mask, start)
+            x = layer(x, cos, sin, True, mask, start, rows)
         return self.norm(x)
+
+    def cache_state(self) -> tuple:
+        """What `setup_caches` and `prefill` made, to hand to `restore_cache_state` later: lets
+        several decode engines (one per batch bucket) share one model, each with its caches."""
+        caches = [layer.attention.kv_cache for layer in self.layers]
+        return caches, self.cache_slots, self.cache_key_valid
+
+    def restore_cache_state(self, state: tuple) -> None:
+        caches, self.cache_slots, self.cache_key_valid = state
+        for layer, cache in zip(self.layers, caches, strict=True):
+            layer.attention.kv_cache = cache
 
 
 def init_linear_and_embedding(module: nn.Module, std: float, n_layers: int) -> None:
@@ -339,15 +369,24 @@ class CachedPriorMixin(PriorMixin):
         if not 1 <= max_len <= self.config.seq_len:
             raise ValueError(f"max_len {max_len} must be in [1, {self.config.seq_len}]")
         param = self.tok_embeddings.weight
+        self._engine_owner = None  # new caches: no decode engine's any more
         self.transformer.setup_caches(
             batch_size, self.config.prefix_len + max_len, dtype or cache_dtype(param), param.device
         )
 
-    def _prefill_hidden(self, cond: Condition) -> Tensor:
-        """Write the condition into the cache (resetting it); trunk output [B, P, dim]."""
+    def cache_state(self) -> tuple:
+        """The caches (and prefix mask) in use: see `Transformer.cache_state`."""
+        return self.transformer.cache_state()
+
+    def restore_cache_state(self, state: tuple) -> None:
+        self.transformer.restore_cache_state(state)
+
+    def _prefill_hidden(self, cond: Condition, rows: Tensor | None = None) -> Tensor:
+        """Write the condition into the cache (rows `rows`, default all); trunk output [B, P, dim]."""
         if cond.length != self.config.prefix_len:
             raise ValueError(
                 f"condition length {cond.length} != prefix_len {self.config.prefix_len}"
             )
         key_valid = cond.mask if self._masked_prefix else None
-        return self.transformer.prefill(cond.prefix.to(self.tok_embeddings.weight.dtype), key_valid)
+        prefix = cond.prefix.to(self.tok_embeddings.weight.dtype)
+        return self.transformer.prefill(prefix, key_valid, rows)

@@ -54,6 +54,10 @@ class Condition:
             torch.cat([c.prefix for c in conditions]), torch.cat([c.mask for c in conditions])
         )
 
+    def select(self, index: Tensor) -> "Condition":
+        """Rows `index` (Long[K] or a slice) as a new condition."""
+        return Condition(self.prefix[index], self.mask[index])
+
     def repeat_interleave(self, repeats: int) -> "Condition":
         """Each row `repeats` times in a row (several samples per prompt)."""
         return Condition(

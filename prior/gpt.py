@@ -51,9 +51,10 @@ class GPT(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin, CachedPriorMi
 
     # ---- cached sampling -------------------------------------------------------------------
 
-    def prefill(self, cond: Condition) -> Tensor:
-        """Write the condition into the cache (resetting it); fp32 logits [B, V] of image token 0."""
-        return self.output(self._prefill_hidden(cond)[:, -1]).float()
+    def prefill(self, cond: Condition, rows: Tensor | None = None) -> Tensor:
+        """Write the condition into the cache (all rows, or cache rows `rows` Long[B] only);
+        fp32 logits [B, V] of image token 0."""
+        return self.output(self._prefill_hidden(cond, rows)[:, -1]).float()
 
     def decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """tokens Long [B, T] at image positions positions[b] + t -> fp32 logits [B, T, V].

@@ -1,12 +1,15 @@
 """Decoding algorithms over a prior's tokens and the prompt -> image Pipeline built on them."""
 
-from sampling.autoregressive import GuidedPrior, compile_decode, generate_ar, generate_rq
+from sampling.autoregressive import generate_ar, generate_rq
+from sampling.engine import DecodeEngine, EngineBatch
 from sampling.guidance import GuidanceSchedule, guide, guide_batch
 from sampling.jacobi import generate_jacobi
 from sampling.logits import SamplingConfig, probabilities, process_logits, sample
 from sampling.maskgit import generate_maskgit, reveal_schedule
+from sampling.noise import RowNoise
 from sampling.pipeline import Pipeline, PipelineOutput
 from sampling.relaxed import RelaxedAcceptance, neighbours
+from sampling.row_settings import RowSettings
 from sampling.speculative import generate_speculative, verify
 from sampling.stats import SpeculativeStats
 
@@ -14,11 +17,13 @@ __all__ = [
     "Pipeline",
     "PipelineOutput",
     "GuidanceSchedule",
-    "GuidedPrior",
+    "DecodeEngine",
+    "EngineBatch",
     "RelaxedAcceptance",
+    "RowNoise",
+    "RowSettings",
     "SamplingConfig",
     "SpeculativeStats",
-    "compile_decode",
     "generate_ar",
     "generate_jacobi",
     "generate_maskgit",

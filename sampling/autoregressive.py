@@ -1,32 +1,25 @@
 """Autoregressive decoding on a prior's static KV cache (GPT) and RQ-Transformer depth sampling.
 
-`GuidedPrior` is the one place that knows how a cached prior is driven under classifier-free
-guidance: the batch is doubled as [cond; uncond], both halves are fed the same tokens at the same
-per-row positions, and the caller only ever sees B rows of guided, processed distributions.
-Plain AR, speculative and Jacobi decoding all sit on top of it.
+Plain AR runs on the decode engine (sampling/engine.py), which knows how a cached prior is driven
+under classifier-free guidance; speculative and Jacobi decoding drive the same engine. The
+RQ-Transformer's depth loop stays eager here (its step is two transformers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from sampling.engine import EngineBatch
 from sampling.guidance import GuidanceSchedule, guide_batch
-from sampling.logits import SamplingConfig, check_generator, sample
+from sampling.logits import SamplingConfig
+from sampling.noise import RowNoise
+from sampling.row_settings import RowSettings
 
 if TYPE_CHECKING:
     from prior.conditioning import Condition
-
-DecodeFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def compile_decode(model: torch.nn.Module, mode: str = "default") -> DecodeFn:
-    """torch.compile the cached decode step. mode "reduce-overhead" adds CUDA graphs on GPU
-    (static shapes: one-token steps keep [B, 1]); "max-autotune" also searches kernels."""
-    return torch.compile(model.decode, mode=mode, dynamic=False)
 
 
 def batch_size(cond: Condition) -> int:
@@ -46,62 +39,19 @@ def guided_condition(cond: Condition, uncond: Condition | None, guided: bool) ->
     return type(cond).cat([cond, uncond])
 
 
-class GuidedPrior:
-    """A cached GPT-style prior seen as B rows of guided, processed next-token distributions.
+def row_noise(
+    noise: RowNoise | None, generator: torch.Generator | None, rows: int, device: torch.device
+) -> RowNoise:
+    """The rows' noise: as given (per-row seeds), else per-row seeds drawn from `generator`."""
+    if noise is None:
+        return RowNoise.from_generator(rows, generator, device)
+    if noise.rows != rows:
+        raise ValueError(f"noise for {noise.rows} rows, but {rows} rows are decoded")
+    return noise
 
-    decode(tokens [B,T], positions [B]) puts row b's tokens at positions[b]..positions[b]+T-1
-    (both CFG halves) and returns the distributions for positions+1..positions+T, each guided
-    with the schedule's scale for its own position. Rolling back = decoding at an earlier
-    position. `calls` counts model forwards (prefill included).
-    """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        cond: Condition,
-        uncond: Condition | None,
-        guidance: GuidanceSchedule,
-        sampling: SamplingConfig,
-        num_tokens: int,
-        max_len: int,
-        decode_fn: DecodeFn | None = None,
-    ) -> None:
-        self.model = model
-        self.sampling = sampling
-        self.batch = batch_size(cond)
-        self.guided = guidance.needs_unconditional(num_tokens)
-        self.cond = guided_condition(cond, uncond, self.guided)
-        self.rows = self.batch * (2 if self.guided else 1)
-        self.device = cond.prefix.device
-        # scale per absolute position; positions past num_tokens repeat the last one
-        self.scales = guidance.table(num_tokens, max_len + 1, device=self.device)  # [L]
-        self.plausibility = guidance.plausibility
-        self.decode_fn = decode_fn if decode_fn is not None else model.decode
-        self.calls = 0
-        model.setup_caches(self.rows, max_len)
-
-    def _distribution(self, logits: Tensor, scale: Tensor) -> Tensor:
-        if self.guided:
-            logits = guide_batch(logits, scale, self.plausibility)
-        return self.sampling.probabilities(logits)
-
-    def prefill(self) -> Tensor:
-        """Reset the cache with the condition prefix -> distribution of token 0, [B, V]."""
-        self.calls += 1
-        logits = self.model.prefill(self.cond)  # [R, V]
-        return self._distribution(logits, self.scales[0])
-
-    def decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """tokens Long[B,T] at positions Long[B] -> distributions [B, T, V] for positions+1.."""
-        steps = torch.arange(tokens.shape[1], device=self.device)
-        where = positions[:, None] + 1 + steps  # [B, T] positions being predicted
-        scale = self.scales[where.clamp(max=self.scales.numel() - 1)][..., None]  # [B, T, 1]
-        if self.guided:
-            tokens = torch.cat([tokens, tokens])  # [2B, T]: both halves see the same tokens
-            positions = torch.cat([positions, positions])
-        self.calls += 1
-        logits = self.decode_fn(tokens, positions)  # [R, T, V]
-        return self._distribution(logits, scale)
+def positions_of(batch: int, position: int, device: torch.device) -> Tensor:
+    return torch.full((batch,), position, dtype=torch.long, device=device)
 
 
 @torch.no_grad()
@@ -113,31 +63,39 @@ def generate_ar(
     sampling: SamplingConfig | None = None,
     guidance: GuidanceSchedule | None = None,
     generator: torch.Generator | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     compile_mode: str = "default",
     return_probs: bool = False,
+    *,
+    noise: RowNoise | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Sample codes Long[B, N] token by token: prefill, then one-token decode steps.
+    """Sample codes Long[B, N] token by token on the decode engine: prefill, then one-token
+    steps (one compiled graph each with compile=True; "auto" compiles on CUDA).
 
-    Under guidance both CFG halves receive the same sampled token. No host sync inside the
-    loop. return_probs=True also returns the distribution each token was drawn from [B, N, V].
+    Row b's token at position i is drawn with its own noise (seed, index, i): the codes do not
+    depend on the batch. noise: per-row seeds (default: drawn from `generator`).
+    return_probs=True also returns the distribution each token was drawn from [B, N, V].
     """
     sampling = sampling if sampling is not None else SamplingConfig()
     guidance = guidance if guidance is not None else GuidanceSchedule()
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-    check_generator(generator, cond.prefix.device)
-    decode_fn = compile_decode(model, compile_mode) if compile else None
-    prior = GuidedPrior(model, cond, uncond, guidance, sampling, num_tokens, num_tokens, decode_fn)
-    probs = prior.prefill()  # [B, V]
-    tokens = [sample(probs, generator)]
+    batch, device = batch_size(cond), cond.prefix.device
+    noise = row_noise(noise, generator, batch, device)
+    settings = RowSettings.build(batch, num_tokens, sampling, guidance, device)
+    rows = EngineBatch(model, cond, uncond, settings, noise, num_tokens=num_tokens,
+                       compile=compile, compile_mode=compile_mode)  # fmt: skip
+    probs = rows.prefill()  # [B, V]
+    tokens = [noise.sample(probs, positions_of(batch, 0, device))]
     history = [probs]
     for i in range(1, num_tokens):
-        positions = torch.full((prior.batch,), i - 1, dtype=torch.long, device=prior.device)
-        probs = prior.decode(tokens[-1][:, None], positions)[:, 0]  # [B, V]
-        tokens.append(sample(probs, generator))
+        positions = positions_of(batch, i - 1, device)
         if return_probs:
+            probs = rows.decode(tokens[-1][:, None], positions)[:, 0]  # [B, V]
+            tokens.append(noise.sample(probs, positions + 1))
             history.append(probs)
+        else:
+            tokens.append(rows.step(tokens[-1], positions))
     codes = torch.stack(tokens, dim=1)  # [B, N]
     if return_probs:
         return codes, torch.stack(history, dim=1)
@@ -155,10 +113,13 @@ def generate_rq(
     guidance: GuidanceSchedule | None = None,
     generator: torch.Generator | None = None,
     return_probs: bool = False,
+    *,
+    noise: RowNoise | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Sample RQ codes Long[B, N, D]: the spatial transformer runs on the KV cache, the depth
     transformer draws the D codes of each position in turn (CFG with the position's scale on
-    every depth step). return_probs=True also returns the distributions [B, N, D, V]."""
+    every depth step). Code d of position i uses the row's noise at counter i * D + d.
+    return_probs=True also returns the distributions [B, N, D, V]."""
     sampling = sampling if sampling is not None else SamplingConfig()
     guidance = guidance if guidance is not None else GuidanceSchedule()
     if num_tokens < 1 or depth < 1:
@@ -167,19 +128,19 @@ def generate_rq(
     cond_rows = guided_condition(cond, uncond, guided)
     batch = batch_size(cond)
     device = cond.prefix.device
-    check_generator(generator, device)
+    noise = row_noise(noise, generator, batch, device)
     model.setup_caches(batch_size(cond_rows), num_tokens)
     h = model.prefill(cond_rows)  # [R, dim]: context for position 0
     codes, history = [], []
     for i in range(num_tokens):
         scale = guidance.scale_at(i, num_tokens)
         prev = torch.empty(h.shape[0], 0, dtype=torch.long, device=device)  # [R, d]
-        for _ in range(depth):
+        for d in range(depth):
             logits = model.depth_logits(h, prev)  # [R, V]
             if guided:
                 logits = guide_batch(logits, scale, guidance.plausibility)
             probs = sampling.probabilities(logits)
-            token = sample(probs, generator)  # [B]
+            token = noise.sample(probs, positions_of(batch, i * depth + d, device))  # [B]
             token = torch.cat([token, token]) if guided else token
             prev = torch.cat([prev, token[:, None]], dim=1)
             if return_probs:

@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from prior.conditioning import Condition
 from sampling.autoregressive import generate_ar, generate_rq
 from sampling.guidance import GuidanceSchedule
-from sampling.jacobi import generate_jacobi
+from sampling.jacobi import COUPLINGS, generate_jacobi
 from sampling.logits import SamplingConfig
 from sampling.maskgit import generate_maskgit
+from sampling.noise import RowNoise
 from sampling.relaxed import RelaxedAcceptance
 from sampling.speculative import generate_speculative
 from sampling.stats import SpeculativeStats
@@ -33,6 +34,7 @@ METHOD_OPTIONS: dict[str, tuple[tuple[str, ...], object]] = {
     "relaxed_k": (("relaxed",), 8),
     "relaxed_delta": (("relaxed",), 0.1),
     "jacobi_window": (("jacobi",), 8),
+    "jacobi_coupling": (("jacobi",), "gumbel"),
 }
 MODEL_METHODS = {"gpt": ("ar", "speculative", "relaxed", "jacobi"),
                  "rq_transformer": ("ar",), "maskgit": ("maskgit",)}  # fmt: skip
@@ -49,6 +51,7 @@ class DecodeOptions:
     relaxed_k: int | None = None  # relaxed: latent-space neighbours per code
     relaxed_delta: float | None = None  # relaxed: probability budget borrowed from neighbours
     jacobi_window: int | None = None  # jacobi: tokens refined per iteration
+    jacobi_coupling: str | None = None  # jacobi: "gumbel" (MC-SJD) or "independent" (SJD)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -64,6 +67,10 @@ class DecodeOptions:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.relaxed_k is not None and self.relaxed_k < 0:
             raise ValueError(f"relaxed_k must be >= 0, got {self.relaxed_k}")
+        if self.jacobi_coupling is not None and self.jacobi_coupling not in COUPLINGS:
+            raise ValueError(
+                f"jacobi_coupling must be one of {COUPLINGS}, got {self.jacobi_coupling!r}"
+            )
         if self.relaxed_delta is not None and not 0.0 <= self.relaxed_delta <= 1.0:
             raise ValueError(f"relaxed_delta must be in [0, 1], got {self.relaxed_delta}")
 
@@ -114,27 +121,37 @@ def generate_codes(
     draft: nn.Module | None = None,
     draft_conds: tuple[Condition, Condition] | None = None,
     relaxed: RelaxedAcceptance | None = None,
+    noise: RowNoise | None = None,
+    compile: bool | str = False,
 ) -> Generated:
     """Codes for every row of `cond` with `decode.method` on `model` (draft-accelerated methods
-    need `draft` and its (cond, uncond); relaxed acceptance needs `relaxed`)."""
+    need `draft` and its (cond, uncond); relaxed acceptance needs `relaxed`).
+
+    noise: the rows' seeds (default: drawn from `generator`); a row's codes depend only on its
+    condition, settings and noise, not on the other rows. compile: see sampling/engine.py."""
     check_method(model, decode.method, draft)
     n, method = model.config.seq_len, decode.method
+    if noise is None:
+        noise = RowNoise.from_generator(cond.batch_size, generator, cond.prefix.device)
     if model.config.model_type == "rq_transformer":
         depth = model.config.depth
-        return Generated(generate_rq(model, cond, uncond, n, depth, sampling, guidance, generator))
+        codes = generate_rq(model, cond, uncond, n, depth, sampling, guidance, noise=noise)
+        return Generated(codes)
     if method == "ar":
-        return Generated(generate_ar(model, cond, uncond, n, sampling, guidance, generator))
+        codes = generate_ar(model, cond, uncond, n, sampling, guidance, compile=compile,
+                            noise=noise)  # fmt: skip
+        return Generated(codes)
     if method == "maskgit":
         codes, counts = generate_maskgit(
             model, cond, uncond, n, decode.get("num_steps"), sampling,
-            guidance=guidance, generator=generator,
+            guidance=guidance, noise=noise, compile=compile,
         )  # fmt: skip
         return Generated(codes, reveal_counts=counts)
     if method == "jacobi":
-        window = decode.get("jacobi_window")
         codes, stats = generate_jacobi(
-            model, cond, uncond, n, window, sampling, guidance, generator
-        )
+            model, cond, uncond, n, decode.get("jacobi_window"), sampling, guidance,
+            coupling=decode.get("jacobi_coupling"), noise=noise, compile=compile,
+        )  # fmt: skip
         return Generated(codes, stats)
     if draft_conds is None:
         raise ValueError(f"method '{method}' needs the draft's conditions (draft_conds)")
@@ -144,7 +161,7 @@ def generate_codes(
     codes, stats = generate_speculative(
         model, draft, cond, d_cond, n, uncond, d_uncond,
         decode.get("draft_len"), decode.get("adaptive_draft"),
-        sampling=sampling, guidance=guidance, generator=generator,
-        relaxed=relaxed if method == "relaxed" else None,
+        sampling=sampling, guidance=guidance, relaxed=relaxed if method == "relaxed" else None,
+        noise=noise, compile=compile,
     )  # fmt: skip
     return Generated(codes, stats)

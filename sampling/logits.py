@@ -54,24 +54,40 @@ def process_logits(
             f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
             f"top_p={top_p} (in (0, 1])"
         )
-    logits = logits.float()
     vocab = logits.shape[-1]
-    if temperature == 0:
-        keep = torch.zeros_like(logits, dtype=torch.bool)
-        keep.scatter_(-1, logits.argmax(-1, keepdim=True), True)
-        return logits.masked_fill(~keep, float("-inf"))
-    logits = logits / temperature
-    if 0 < top_k < vocab:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [..., 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token)
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    filtered = 0 < top_k < vocab or top_p < 1.0
+    settings = [torch.tensor(x, device=logits.device) for x in (temperature, top_k, top_p)]
+    return filter_rows(logits, *settings, filtered=filtered)
+
+
+def filter_rows(
+    logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, *, filtered: bool = True
+) -> Tensor:
+    """`process_logits` with settings per row: tensors broadcastable to logits.shape[:-1].
+
+    No host sync and no branching on values, so the engine's compiled step can run it for rows
+    with different settings. filtered=False skips the sort (every row has top_k 0, top_p 1).
+    Ties at the top-k or top-p threshold are kept.
+    """
+    logits = logits.float()
+    temperature, top_k, top_p = (t[..., None] for t in (temperature, top_k, top_p))
+    greedy = temperature == 0
+    x = logits / torch.where(greedy, 1.0, temperature)
+    if filtered:
+        vocab = logits.shape[-1]
+        ordered = x.sort(dim=-1, descending=True).values  # [..., V]
+        k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)  # [..., 1]
+        kth = ordered.gather(-1, (k - 1).expand(ordered.shape[:-1] + (1,)))
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+        probs = ordered.softmax(-1)
+        # keep a token while the mass strictly before it is below top_p (>= 1 token survives)
+        keep = ((probs.cumsum(-1) - probs) < top_p) | (top_p >= 1.0)
+        last = keep.sum(-1, keepdim=True).clamp_min(1) - 1
+        cutoff = torch.maximum(kth, ordered.gather(-1, last))
+        x = x.masked_fill(x < cutoff, float("-inf"))
+    best = x.argmax(-1, keepdim=True)
+    one_hot = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, best, True)
+    return torch.where(greedy & ~one_hot, float("-inf"), x)
 
 
 def probabilities(

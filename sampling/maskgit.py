@@ -16,9 +16,12 @@ import torch
 from torch import Tensor
 
 from prior.maskgit import cosine_schedule
-from sampling.autoregressive import batch_size, guided_condition
-from sampling.guidance import GuidanceSchedule, guide_batch
-from sampling.logits import SamplingConfig, check_generator, sample
+from sampling.autoregressive import batch_size, guided_condition, row_noise
+from sampling.engine import wants_compile
+from sampling.guidance import GuidanceSchedule
+from sampling.logits import SamplingConfig
+from sampling.noise import CONFIDENCE, DRAW, RowNoise, race, step_stream, uniform
+from sampling.row_settings import RowSettings, guided_distribution
 
 if TYPE_CHECKING:
     from prior.conditioning import Condition
@@ -40,6 +43,31 @@ def masked_after(num_tokens: int, t: int, steps: int, remaining: int) -> int:
     return max(0, min(max(target, 1), remaining - 1))
 
 
+def _maskgit_pass(
+    model: torch.nn.Module,
+    codes: Tensor,
+    cond_rows: Condition,
+    settings: RowSettings,
+    noise_keys: Tensor,
+    step: Tensor,
+    gumbel_scale: Tensor,
+    guided: bool,
+    filtered: bool,
+) -> tuple[Tensor, Tensor]:
+    """One full pass: (sampled codes [B, N], confidence [B, N]) for canvas codes [B, N]."""
+    batch, n = codes.shape
+    inputs = torch.cat([codes, codes]) if guided else codes  # [R, N]
+    logits = model(inputs, cond_rows)  # [R, N, V]
+    where = step.expand(batch, n)  # the guidance table is indexed by step
+    probs = guided_distribution(logits, where, settings, guided=guided, filtered=filtered)
+    positions = torch.arange(n, device=codes.device).expand(batch, n)
+    u = uniform(noise_keys, positions, step_stream(step, DRAW), probs.shape[-1])
+    sampled = race(probs, u)  # [B, N]
+    log_p = probs.gather(-1, sampled[..., None])[..., 0].clamp_min(1e-30).log()
+    g = uniform(noise_keys, positions, step_stream(step, CONFIDENCE), 1)[..., 0]
+    return sampled, log_p + gumbel_scale * -torch.log(-torch.log(g))
+
+
 @torch.no_grad()
 def generate_maskgit(
     model: torch.nn.Module,
@@ -51,8 +79,15 @@ def generate_maskgit(
     gumbel_temperature: float = 4.5,
     guidance: GuidanceSchedule | None = None,
     generator: torch.Generator | None = None,
+    *,
+    noise: RowNoise | None = None,
+    compile: bool | str = False,
 ) -> tuple[Tensor, list[int]]:
-    """Sample codes Long[B, N]; also returns the number of tokens revealed at each step."""
+    """Sample codes Long[B, N]; also returns the number of tokens revealed at each step.
+
+    Each step's draws and confidence noise come from the rows' own streams for that step, so
+    a sample does not depend on its batch. compile=True compiles the pass (one graph per batch
+    shape, reused by all T steps)."""
     sampling = sampling if sampling is not None else SamplingConfig()
     guidance = guidance if guidance is not None else GuidanceSchedule()
     if num_tokens < 1 or steps < 1:
@@ -60,30 +95,29 @@ def generate_maskgit(
     if gumbel_temperature < 0:
         raise ValueError(f"gumbel_temperature must be >= 0, got {gumbel_temperature}")
     mask_id = int(model.config.vocab_size)
-    guided = guidance.needs_unconditional(steps)
-    cond_rows = guided_condition(cond, uncond, guided)
     batch, device = batch_size(cond), cond.prefix.device
-    check_generator(generator, device)
+    noise = row_noise(noise, generator, batch, device)
+    settings = RowSettings.build(batch, steps, sampling, guidance, device)  # scale per step
+    guided = settings.guided
+    cond_rows = guided_condition(cond, uncond, guided)
+    one_pass = _maskgit_pass
+    if wants_compile(compile, device):
+        one_pass = torch.compile(_maskgit_pass, dynamic=False)
     codes = torch.full((batch, num_tokens), mask_id, dtype=torch.long, device=device)
     remaining, counts = num_tokens, []
     for t in range(steps):
         ratio = (t + 1) / steps
-        inputs = torch.cat([codes, codes]) if guided else codes  # [R, N]
-        logits = model(inputs, cond_rows)  # [R, N, V]
-        if guided:
-            logits = guide_batch(logits, guidance.scale_at(t, steps), guidance.plausibility)
-        probs = sampling.probabilities(logits)  # [B, N, V]
+        step = torch.tensor(t, device=device)
+        gumbel_scale = torch.tensor(gumbel_temperature * (1.0 - ratio), device=device)
+        sampled, confidence = one_pass(model, codes, cond_rows, settings, noise.keys, step,
+                                       gumbel_scale, guided, settings.filtered)  # fmt: skip
         unknown = codes == mask_id
-        sampled = torch.where(unknown, sample(probs, generator), codes)  # [B, N]
+        sampled = torch.where(unknown, sampled, codes)  # [B, N]
         if t == steps - 1:
             codes = sampled
             counts.append(remaining)
             break
         keep_masked = masked_after(num_tokens, t, steps, remaining)
-        log_p = probs.gather(-1, sampled[..., None])[..., 0].clamp_min(1e-30).log()
-        uniform = torch.rand(codes.shape, generator=generator, device=device)
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-        confidence = log_p + gumbel_temperature * (1.0 - ratio) * gumbel
         confidence = confidence.masked_fill(~unknown, float("inf"))
         remask = torch.zeros_like(unknown)
         remask.scatter_(1, confidence.argsort(dim=1)[:, :keep_masked], True)

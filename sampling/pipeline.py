@@ -20,6 +20,7 @@ from prior.conditioning import Condition
 from sampling.generate import DecodeOptions, check_method, generate_codes
 from sampling.guidance import GuidanceSchedule
 from sampling.logits import SamplingConfig
+from sampling.noise import RowNoise
 from sampling.relaxed import RelaxedAcceptance
 from sampling.stats import SpeculativeStats
 from tokenizer import Tokenizer
@@ -155,16 +156,24 @@ class Pipeline:
         relaxed_k: int | None = None,
         relaxed_delta: float | None = None,
         jacobi_window: int | None = None,
+        jacobi_coupling: str | None = None,
+        seed: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
+        compile: bool | str = False,
         output_type: str = "pil",
     ) -> PipelineOutput:
         """Generate `num_images_per_prompt` images per prompt (class name/id or text).
 
         Method options (num_steps: maskgit; draft_len, adaptive_draft: speculative / relaxed;
-        relaxed_k, relaxed_delta: relaxed; jacobi_window: jacobi) default to None = the
-        method's default; setting one for another method is a ValueError."""
+        relaxed_k, relaxed_delta: relaxed; jacobi_window, jacobi_coupling: jacobi) default to
+        None = the method's default; setting one for another method is a ValueError.
+
+        seed: an int s makes image i of this call sample (s, i); a list gives each image its
+        own seed (sample (seeds[i], 0)). An image depends only on its prompt, settings and
+        (seed, index), never on the other images of the call. generator: per-image seeds are
+        drawn from it instead. compile: compile the decode engine ("auto": on CUDA)."""
         decode = DecodeOptions(method, num_steps, draft_len, adaptive_draft, relaxed_k,
-                               relaxed_delta, jacobi_window)  # fmt: skip
+                               relaxed_delta, jacobi_window, jacobi_coupling)  # fmt: skip
         check_method(self.prior, method, self.draft)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got '{output_type}'")
@@ -177,6 +186,7 @@ class Pipeline:
         negative = None
         if negative_prompts is not None:
             negative = [n for n in negative_prompts for _ in range(num_images_per_prompt)]
+        noise = self.noise(len(prompts), seed, generator)
         sampling = SamplingConfig(temperature, top_k, top_p)
         guidance = GuidanceSchedule(
             guidance_scale, guidance_schedule, guidance_stop, guidance_plausibility
@@ -189,9 +199,25 @@ class Pipeline:
             relaxed = self.relaxed_acceptance(decode.get("relaxed_k"), decode.get("relaxed_delta"))
         out = generate_codes(
             self.prior, cond, uncond, decode=decode, sampling=sampling, guidance=guidance,
-            generator=generator, draft=self.draft, draft_conds=draft_conds, relaxed=relaxed,
+            draft=self.draft, draft_conds=draft_conds, relaxed=relaxed, noise=noise,
+            compile=compile,
         )  # fmt: skip
         return self._output(out.codes, prompts, output_type, out.stats, out.reveal_counts)
+
+    def noise(
+        self, images: int, seed: int | Sequence[int] | None, generator: torch.Generator | None
+    ) -> RowNoise:
+        """The images' seeds: (seed, 0..images-1), one seed each, or drawn from `generator`."""
+        if seed is not None and generator is not None:
+            raise ValueError("give seed or generator, not both")
+        if seed is None:
+            return RowNoise.from_generator(images, generator, self.device)
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return RowNoise.from_seeds([seed] * images, list(range(images)), self.device)
+        seeds = list(seed)
+        if len(seeds) != images or not all(isinstance(s, int) for s in seeds):
+            raise ValueError(f"seed: give one int or {images} ints (one per image), got {seed!r}")
+        return RowNoise.from_seeds(seeds, device=self.device)
 
     def decode(self, codes: Tensor) -> Tensor:
         """Flat prior codes [B, N] or [B, N, D] -> images [B, 3, H, W] in [-1, 1]."""

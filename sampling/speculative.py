@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sampling.autoregressive import GuidedPrior
+from sampling.autoregressive import batch_size, positions_of, row_noise
+from sampling.engine import EngineBatch
 from sampling.guidance import GuidanceSchedule
-from sampling.logits import SamplingConfig, check_generator, sample
+from sampling.logits import SamplingConfig
+from sampling.noise import ACCEPT, DRAW, RESIDUAL, RowNoise
 from sampling.relaxed import RelaxedAcceptance
+from sampling.row_settings import RowSettings
 from sampling.stats import SpeculativeStats
 
 if TYPE_CHECKING:
@@ -38,19 +41,28 @@ def _residual(p: Tensor, q: Tensor) -> Tensor:
     return torch.where(total > 0, r / total.clamp_min(torch.finfo(r.dtype).tiny), p)
 
 
+def acceptance_uniforms(noise: RowNoise, positions: Tensor, drafts: Tensor) -> Tensor:
+    """The uniforms of the accept tests of drafts [B, g] at positions Long[B, g]: their own
+    stream, independent of the noise the drafts were drawn with (exactness needs that)."""
+    return noise.uniform(positions, ACCEPT)[..., 0]  # [B, g]
+
+
 def verify(
     p: Tensor,
     q: Tensor,
     drafts: Tensor,
-    generator: torch.Generator | None = None,
+    noise: RowNoise,
+    start: Tensor,
     relaxed: RelaxedAcceptance | None = None,
     limit: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Accept drafts left to right; returns (accepted count Long[B], next token Long[B]).
 
     p [B, g+1, V] target distributions at the g draft positions and one past them, q [B, g, V]
-    the distributions the drafts [B, g] were drawn from. The next token is the rejection
-    resample at position `accepted`, or the bonus token from p[:, g] when all g pass.
+    the distributions the drafts [B, g] were drawn from; start Long[B]: position of the first
+    draft. The next token is the rejection resample at position `accepted`, or the bonus token
+    from p[:, g] when all g pass. Accept uniforms and resamples use the rows' ACCEPT and
+    RESIDUAL streams at the positions they decide, so each is used once.
     With `relaxed`, p at draft positions becomes LANTERN's p~ for the drafted token.
     limit Long[B]: only the first limit[b] drafts of row b may be accepted (the rest lie past
     the end of the sequence; the "next" token then lies past it too and is discarded).
@@ -59,7 +71,8 @@ def verify(
     p_draft = p[:, :g] if relaxed is None else relaxed.relax(p[:, :g], drafts)  # [B, g, V]
     p_d = p_draft.gather(-1, drafts[..., None])[..., 0]  # [B, g]
     q_d = q.gather(-1, drafts[..., None])[..., 0]
-    u = torch.rand(batch, g, generator=generator, device=p.device)
+    positions = start[:, None] + torch.arange(g, device=p.device)  # [B, g]
+    u = acceptance_uniforms(noise, positions, drafts)
     ok = u * q_d < p_d  # u < min(1, p/q) without dividing
     if limit is not None:
         ok &= torch.arange(g, device=p.device) < limit[:, None]
@@ -68,7 +81,7 @@ def verify(
     p_all = torch.cat([p_draft, p[:, g:]], dim=1)  # [B, g+1, V]
     q_all = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # q = 0 at the bonus slot
     residual = _residual(p_all[rows, accepted], q_all[rows, accepted])  # [B, V]
-    return accepted, sample(residual, generator)
+    return accepted, noise.sample(residual, start + accepted, RESIDUAL)
 
 
 def round_layout(
@@ -134,8 +147,15 @@ def generate_speculative(
     guidance: GuidanceSchedule | None = None,
     generator: torch.Generator | None = None,
     relaxed: RelaxedAcceptance | None = None,
+    *,
+    noise: RowNoise | None = None,
+    compile: bool | str = False,
 ) -> tuple[Tensor, SpeculativeStats]:
     """Sample codes Long[B, N] from the target with draft proposals; exact unless `relaxed`.
+
+    Target and draft run on decode engines (compiled with compile=True); drafts draw with the
+    rows' DRAW noise at their positions, so a draft equal to the target proposes exactly the
+    tokens plain AR would draw, and the codes do not depend on the batch.
 
     adaptive: gamma starts at draft_len and, from the mean accepted run m of the running rows,
     grows by 1 (up to max_draft_len, default 2 * draft_len) when m >= gamma - 0.5 (with one row:
@@ -155,18 +175,19 @@ def generate_speculative(
             raise ValueError(f"max_draft_len ({gmax}) must be >= draft_len ({draft_len})")
     if draft is target:
         raise ValueError("draft and target must be different modules: each needs its own cache")
-    tgt = GuidedPrior(
-        target, target_cond, target_uncond, guidance, sampling, num_tokens, num_tokens
-    )
-    drf = GuidedPrior(draft, draft_cond, draft_uncond, guidance, sampling, num_tokens, num_tokens)
-    if drf.batch != tgt.batch:
-        raise ValueError(f"draft batch {drf.batch} != target batch {tgt.batch}")
-    batch, device = tgt.batch, tgt.device
-    check_generator(generator, device)
+    batch, device = batch_size(target_cond), target_cond.prefix.device
+    if batch_size(draft_cond) != batch:
+        raise ValueError(f"draft batch {batch_size(draft_cond)} != target batch {batch}")
+    noise = row_noise(noise, generator, batch, device)
+    settings = RowSettings.build(batch, num_tokens, sampling, guidance, device)
+    tgt = EngineBatch(target, target_cond, target_uncond, settings, noise,
+                      num_tokens=num_tokens, compile=compile)  # fmt: skip
+    drf = EngineBatch(draft, draft_cond, draft_uncond, settings, noise,
+                      num_tokens=num_tokens, compile=compile)  # fmt: skip
     stats = SpeculativeStats(rows=batch, num_tokens=num_tokens)
 
     out = torch.zeros(batch, num_tokens + gmax + 1, dtype=torch.long, device=device)
-    out[:, 0] = sample(tgt.prefill(), generator)
+    out[:, 0] = noise.sample(tgt.prefill(), positions_of(batch, 0, device))
     drf.prefill()
     n = torch.ones(batch, dtype=torch.long, device=device)  # accepted tokens per row
     drafted = torch.zeros((), dtype=torch.long, device=device)
@@ -185,19 +206,19 @@ def generate_speculative(
         else:
             last_two = out.gather(1, torch.stack([n_eff - 2, n_eff - 1], dim=1))  # [B, 2]
             q_next = drf.decode(last_two, n_eff - 2)[:, -1]  # [B, V]
-        qs, ds = [q_next], [sample(q_next, generator)]
+        qs, ds = [q_next], [noise.sample(q_next, n_eff, DRAW)]
         for j in range(1, g):
             # feed draft j-1 at its position; rows out of room re-feed their token at N - 1
             pos = (n_eff - 1 + j).clamp(max=num_tokens - 1)
             token = round_tokens(out, torch.stack(ds, dim=1), n_eff, pos)[:, 0]
             q_next = drf.decode(token[:, None], pos)[:, 0]
             qs.append(q_next)
-            ds.append(sample(q_next, generator))
+            ds.append(noise.sample(q_next, n_eff + j, DRAW))
         q, d = torch.stack(qs, dim=1), torch.stack(ds, dim=1)  # [B, g, V], [B, g]
         # verify: one target pass over [x_{n-1}, d_n .. d_{n+g-1}] (shifted back near the end)
         start = n_eff - 1 - shift
         p = align(tgt.decode(round_tokens(out, d, n_eff, start), start), shift)  # [B, g+1, V]
-        acc, nxt = verify(p, q, d, generator, relaxed, limit)
+        acc, nxt = verify(p, q, d, noise, n_eff, relaxed, limit)
         n = torch.where(active, commit(out, n_eff, active, d, acc, nxt), n)
         drafted += limit.sum()
         accepted_total += acc.sum()

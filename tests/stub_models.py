@@ -83,18 +83,27 @@ class StubGPT(_StubBase):
     def setup_caches(self, batch_size: int, max_len: int) -> None:
         self.max_len = max_len
         self.state = torch.full((batch_size, max_len + 1, self.config.dim), float("nan"))
+        self._engine_owner = None
+
+    def cache_state(self) -> tuple:
+        return self.state, self.max_len
+
+    def restore_cache_state(self, state: tuple) -> None:
+        self.state, self.max_len = state
 
     def _logits(self, state: Tensor, position: Tensor) -> Tensor:
         return torch.tanh(state) @ self.out[0] + self.bias[position]  # [..., V]
 
-    def prefill(self, cond: Condition) -> Tensor:
+    def prefill(self, cond: Condition, rows: Tensor | None = None) -> Tensor:
         self.prefill_calls += 1
         self.batch_sizes.add(cond.prefix.shape[0])
-        if cond.prefix.shape[0] != self.state.shape[0]:
-            raise ValueError("prefill batch differs from setup_caches batch")
-        self.state.fill_(float("nan"))  # anything not rewritten is visibly wrong
-        self.state[:, 0] = cond.prefix[:, 0]
-        return self._logits(self.state[:, 0], torch.zeros((), dtype=torch.long))
+        if rows is None:
+            if cond.prefix.shape[0] != self.state.shape[0]:
+                raise ValueError("prefill batch differs from setup_caches batch")
+            rows = torch.arange(self.state.shape[0])
+        self.state[rows] = float("nan")  # anything not rewritten is visibly wrong
+        self.state[rows, 0] = cond.prefix[:, 0]
+        return self._logits(self.state[rows, 0], torch.zeros((), dtype=torch.long))
 
     def decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
         self.decode_calls += 1

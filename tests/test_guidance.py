@@ -15,7 +15,8 @@ from stub_models import (
 
 from sampling.autoregressive import generate_ar, generate_rq
 from sampling.guidance import GuidanceSchedule, guide, guide_batch
-from sampling.logits import SamplingConfig, probabilities, sample
+from sampling.logits import SamplingConfig, probabilities
+from sampling.noise import RowNoise
 
 
 def gen(seed: int) -> torch.Generator:
@@ -97,6 +98,7 @@ def reference_ar(model, cond, uncond, n, sampling, guidance, generator):
     """Ancestral sampling by full recomputation (no cache) with the same random stream."""
     batch = cond.prefix.shape[0]
     codes = torch.zeros(batch, n, dtype=torch.long)
+    noise = RowNoise.from_generator(batch, generator)  # the per-row seeds generate_ar draws
     all_probs = []
     for i in range(n):
         logits = model(codes, cond)[:, i]
@@ -104,7 +106,7 @@ def reference_ar(model, cond, uncond, n, sampling, guidance, generator):
             scale = guidance.scale_at(i, n)
             logits = guide(logits, model(codes, uncond)[:, i], scale, guidance.plausibility)
         probs = sampling.probabilities(logits)
-        codes[:, i] = sample(probs, generator)
+        codes[:, i] = noise.sample(probs, torch.full((batch,), i))
         all_probs.append(probs)
     return codes, torch.stack(all_probs, dim=1)
 

@@ -17,6 +17,7 @@ import sampling.speculative as speculative
 from sampling.autoregressive import generate_ar
 from sampling.guidance import GuidanceSchedule, guide
 from sampling.logits import SamplingConfig
+from sampling.noise import RowNoise
 from sampling.relaxed import RelaxedAcceptance, neighbours
 from sampling.speculative import generate_speculative, verify
 
@@ -179,11 +180,12 @@ def test_verify_deterministic_cases():
     one_hot = torch.eye(3)
     # p == q: everything accepted, bonus from p[:, g]
     p = torch.stack([one_hot[0], one_hot[1], one_hot[2]])[None]  # [1, 3, 3]
-    acc, nxt = verify(p, p[:, :2], torch.tensor([[0, 1]]), gen(0))
+    noise, start = RowNoise.from_seeds([0]), torch.tensor([1])
+    acc, nxt = verify(p, p[:, :2], torch.tensor([[0, 1]]), noise, start)
     assert acc.item() == 2 and nxt.item() == 2
     # target puts no mass on the second draft: rejected there, resampled from p - q
     q = torch.stack([one_hot[0], one_hot[2]])[None]
-    acc, nxt = verify(p, q, torch.tensor([[0, 2]]), gen(0))
+    acc, nxt = verify(p, q, torch.tensor([[0, 2]]), noise, start)
     assert acc.item() == 1 and nxt.item() == 1
 
 

@@ -1,0 +1,285 @@
+"""The decode engine: a cached prior's R row slots, static shapes, one (compiled) decode step.
+
+A one-token step of a small prior is overhead, not arithmetic (Python, op dispatch, kernel
+launches), so the step is one function with fixed shapes that `torch.compile` turns into one
+graph (CUDA graphs with mode="reduce-overhead" on GPU): cached forward -> CFG with each row's
+scale -> plausibility cutoff -> each row's temperature / top-k / top-p -> a draw from the row's
+counter-based noise (sampling/noise.py). Nothing in it syncs with the host or branches on values.
+
+Slots: row r's condition lives in cache row r and, under guidance, its unconditional twin in
+row R + r. Per-row state (settings, noise keys) lives in tensors the step reads, so rows with
+different prompts, scales, sampling settings and seeds share a step, and a row's tokens never
+depend on its company. `admit` prefills some slots while the others keep their caches (the
+server's continuous batching); `EngineBatch` drives B rows on a bucket of R >= B slots (the
+Pipeline and the decoding methods).
+
+Compilation costs tens of seconds per (bucket, token count) on a CPU; the FX graph cache
+(on by default, kept in TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER) makes a
+second process start in a few seconds. `compile="auto"` compiles on CUDA only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from sampling.guidance import GuidanceSchedule
+from sampling.logits import SamplingConfig
+from sampling.noise import DRAW, RowNoise, race, uniform
+from sampling.row_settings import RowSettings, guided_distribution
+
+if TYPE_CHECKING:
+    from prior.conditioning import Condition
+
+log = logging.getLogger(__name__)
+COMPILE_CHOICES = ("auto", True, False)
+
+
+def wants_compile(compile: bool | str, device: torch.device) -> bool:
+    """compile="auto": on CUDA (where launch overhead dominates and graphs pay at once), not on
+    CPU (where each new shape costs ~10-60 s, more than a short generation saves)."""
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {COMPILE_CHOICES}, got {compile!r}")
+    return device.type == "cuda" if compile == "auto" else bool(compile)
+
+
+def bucket_rows(rows: int, compiled: bool) -> int:
+    """Slots for `rows` rows: the next power of two when compiled (one graph per bucket), else
+    exactly `rows` (eager runs any shape for free)."""
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    return 1 << (rows - 1).bit_length() if compiled else rows
+
+
+class DecodeEngine:
+    """R row slots of one cached prior (GPT-style: setup_caches / prefill / decode)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        rows: int,
+        num_tokens: int,
+        guided: bool,
+        filtered: bool = True,
+        compile: bool | str = "auto",
+        compile_mode: str = "default",
+    ) -> None:
+        self.model = model
+        self.rows, self.num_tokens = rows, num_tokens
+        self.guided, self.filtered = guided, filtered
+        self.device = next(model.parameters()).device
+        self.compiled = wants_compile(compile, self.device)
+        self.compile_mode = compile_mode
+        self.calls = 0  # model forwards (prefills included)
+        model.setup_caches(rows * (2 if guided else 1), num_tokens)
+        self._caches = model.cache_state()
+        self.settings = RowSettings.build(
+            rows, num_tokens, SamplingConfig(), GuidanceSchedule(), self.device
+        )
+        self.keys = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._compiled: dict[str, Callable] = {}
+        self._warm: set[tuple] = set()
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        """Give the model this engine's caches (another engine may have used the model)."""
+        if getattr(self.model, "_engine_owner", None) is not self:
+            self.model.restore_cache_state(self._caches)
+            self.model._engine_owner = self
+
+    def admit(
+        self,
+        slots: Tensor | None,
+        cond: Condition,
+        uncond: Condition | None,
+        settings: RowSettings,
+        noise: RowNoise,
+    ) -> Tensor:
+        """Prefill slots Long[b] (None = all R) with their rows' conditions, settings and noise;
+        returns the distributions of their token 0, [b, V]. Other slots keep their caches."""
+        self._attach()
+        every = torch.arange(self.rows, device=self.device)
+        self.settings.write(every if slots is None else slots, settings)
+        self.keys[every if slots is None else slots] = noise.keys
+        cache_rows = slots
+        if self.guided:
+            if uncond is None:
+                raise ValueError("a guided engine needs the unconditional condition (uncond)")
+            cond = type(cond).cat([cond, uncond])
+            if slots is not None:
+                cache_rows = torch.cat([slots, slots + self.rows])
+        self.calls += 1
+        if cache_rows is None:
+            logits = self.model.prefill(cond)  # [R or 2R, V]
+        else:
+            logits = self.model.prefill(cond, cache_rows)  # [b or 2b, V]
+        where = torch.zeros(settings.rows, 1, dtype=torch.long, device=self.device)
+        return guided_distribution(logits[:, None], where, settings, guided=self.guided,
+                                   filtered=self.filtered)[:, 0]  # fmt: skip
+
+    # ---- the step --------------------------------------------------------------------------
+
+    def _logits(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Raw logits for tokens Long[R, T] at positions Long[R] (both CFG halves)."""
+        if self.guided:
+            tokens, positions = torch.cat([tokens, tokens]), torch.cat([positions, positions])
+        return self.model.decode(tokens, positions)  # [R or 2R, T, V]
+
+    def _distributions(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        steps = torch.arange(tokens.shape[1], device=tokens.device)
+        where = positions[:, None] + 1 + steps  # [R, T] positions being predicted
+        logits = self._logits(tokens, positions)
+        return guided_distribution(logits, where, self.settings, guided=self.guided,
+                                   filtered=self.filtered)  # fmt: skip
+
+    def _step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        probs = self._distributions(tokens[:, None], positions)[:, 0]  # [R, V]
+        u = uniform(self.keys, positions + 1, DRAW, probs.shape[-1])
+        return race(probs, u)
+
+    def _run(self, name: str, fn: Callable, *args: Tensor) -> Tensor:
+        self._attach()
+        self.calls += 1
+        if not self.compiled:
+            return fn(*args)
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(fn, mode=self.compile_mode, dynamic=False)
+        key = (name,) + tuple(a.shape for a in args)
+        if key in self._warm:
+            return self._compiled[name](*args)
+        start = time.perf_counter()
+        log.info("compiling the %s step for %d rows (first call; cached for later runs)",
+                 name, self.rows)  # fmt: skip
+        out = self._compiled[name](*args)
+        self._warm.add(key)
+        log.info("compiled the %s step %s in %.1f s", name, key[1:], time.perf_counter() - start)
+        return out
+
+    def distributions(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Feed tokens Long[R, T] at positions Long[R] (+t); distributions [R, T, V] of the
+        tokens at positions + 1 + t. Rolling back = feeding at an earlier position."""
+        return self._run("distributions", self._distributions, tokens, positions)
+
+    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """One AR step for every slot: tokens Long[R] at positions Long[R] -> the token each row
+        draws for position + 1, Long[R]."""
+        return self._run("step", self._step, tokens, positions)
+
+    def warm_up(self, lengths: tuple[int, ...] = ()) -> None:
+        """Compile the AR step (and `distributions` for these token counts) now, not mid-run."""
+        if not self.compiled:
+            return
+        zeros = torch.zeros(self.rows, dtype=torch.long, device=self.device)
+        self.step(zeros, zeros)
+        for length in lengths:
+            self.distributions(torch.zeros(self.rows, length, dtype=torch.long,
+                                           device=self.device), zeros)  # fmt: skip
+
+
+_ENGINES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, DecodeEngine]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def engine_for(
+    model: nn.Module,
+    *,
+    rows: int,
+    num_tokens: int,
+    guided: bool,
+    filtered: bool,
+    compile: bool | str = "auto",
+    compile_mode: str = "default",
+) -> DecodeEngine:
+    """The engine of `model` for this shape, kept per model so compiled steps are reused."""
+    key = (rows, num_tokens, guided, filtered, compile, compile_mode)
+    engines = _ENGINES.setdefault(model, {})
+    if key not in engines:
+        engines[key] = DecodeEngine(model, rows=rows, num_tokens=num_tokens, guided=guided,
+                                    filtered=filtered, compile=compile,
+                                    compile_mode=compile_mode)  # fmt: skip
+    return engines[key]
+
+
+class EngineBatch:
+    """B rows decoded together on an engine's first B slots (padding slots repeat row 0 and are
+    discarded). What AR, speculative, relaxed and Jacobi decoding drive: every method gets
+    guided, processed distributions of B rows and draws from the rows' noise.
+
+    `calls` counts model forwards of this batch (prefill included).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cond: Condition,
+        uncond: Condition | None,
+        settings: RowSettings,
+        noise: RowNoise,
+        *,
+        num_tokens: int,
+        compile: bool | str = False,
+        compile_mode: str = "default",
+    ) -> None:
+        self.batch = int(cond.prefix.shape[0])
+        if settings.rows != self.batch or noise.rows != self.batch:
+            raise ValueError(
+                f"{self.batch} conditions but settings for {settings.rows} rows and noise for "
+                f"{noise.rows}"
+            )
+        guided = settings.guided
+        if guided and uncond is None:
+            raise ValueError(
+                "guidance scale != 1 needs an unconditional condition (uncond is None)"
+            )
+        if guided and int(uncond.prefix.shape[0]) != self.batch:
+            raise ValueError(
+                f"cond and uncond batch sizes differ: {self.batch} vs {int(uncond.prefix.shape[0])}"
+            )
+        self.device = cond.prefix.device
+        compiled = wants_compile(compile, self.device)
+        rows = bucket_rows(self.batch, compiled)
+        self.engine = engine_for(model, rows=rows, num_tokens=num_tokens, guided=guided,
+                                 filtered=settings.filtered, compile=compile,
+                                 compile_mode=compile_mode)  # fmt: skip
+        self.guided, self.noise, self.num_tokens = guided, noise, num_tokens
+        self.pad = rows - self.batch
+        self._first = (cond, uncond if guided else None, settings, noise)
+        self.calls = 0
+
+    def _padded(self, x: Tensor) -> Tensor:
+        if not self.pad:
+            return x
+        return torch.cat([x, x[:1].expand((self.pad,) + x.shape[1:])])
+
+    def prefill(self) -> Tensor:
+        """Reset the slots with the conditions -> distributions of token 0, [B, V]."""
+        cond, uncond, settings, noise = self._first
+        if self.pad:
+            index = torch.cat([torch.arange(self.batch), torch.zeros(self.pad, dtype=torch.long)])
+            index = index.to(self.device)
+            cond = cond.select(index)
+            uncond = None if uncond is None else uncond.select(index)
+            settings, noise = settings.select(index), noise.select(index)
+        self.calls += 1
+        return self.engine.admit(None, cond, uncond, settings, noise)[: self.batch]
+
+    def decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """tokens Long[B, T] at positions Long[B] -> distributions [B, T, V] for positions + 1.."""
+        self.calls += 1
+        return self.engine.distributions(self._padded(tokens), self._padded(positions))[
+            : self.batch
+        ]
+
+    def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """tokens Long[B] at positions Long[B] -> each row's token for position + 1, Long[B]."""
+        self.calls += 1
+        return self.engine.step(self._padded(tokens), self._padded(positions))[: self.batch]

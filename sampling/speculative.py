@@ -62,7 +62,8 @@ def verify(
     the distributions the drafts [B, g] were drawn from; start Long[B]: position of the first
     draft. The next token is the rejection resample at position `accepted`, or the bonus token
     from p[:, g] when all g pass. Accept uniforms and resamples use the rows' ACCEPT and
-    RESIDUAL streams at the positions they decide, so each is used once.
+    RESIDUAL streams at the positions they decide, so each is used once; the bonus draws with
+    DRAW at its position, which no decision has read (drafts there, if any, were discarded).
     With `relaxed`, p at draft positions becomes LANTERN's p~ for the drafted token.
     limit Long[B]: only the first limit[b] drafts of row b may be accepted (the rest lie past
     the end of the sequence; the "next" token then lies past it too and is discarded).
@@ -81,7 +82,10 @@ def verify(
     p_all = torch.cat([p_draft, p[:, g:]], dim=1)  # [B, g+1, V]
     q_all = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)  # q = 0 at the bonus slot
     residual = _residual(p_all[rows, accepted], q_all[rows, accepted])  # [B, V]
-    return accepted, noise.sample(residual, start + accepted, RESIDUAL)
+    # a bonus token is a plain draw from p: the DRAW stream, as an AR step would draw it
+    where = start + accepted
+    drawn = noise.sample(residual, where, DRAW)
+    return accepted, torch.where(accepted == g, drawn, noise.sample(residual, where, RESIDUAL))
 
 
 def round_layout(

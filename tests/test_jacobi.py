@@ -15,6 +15,7 @@ from sampling.autoregressive import generate_ar
 from sampling.guidance import GuidanceSchedule, guide
 from sampling.jacobi import generate_jacobi
 from sampling.logits import SamplingConfig
+from sampling.noise import DRAW
 
 
 def gen(seed: int) -> torch.Generator:
@@ -47,19 +48,51 @@ def exact_probs(model, sampling, guidance, length=3):
 
 
 @pytest.mark.parametrize(
-    ("sampling", "guidance", "window"),
+    ("sampling", "guidance", "window", "coupling"),
     [
-        (SamplingConfig(), GuidanceSchedule(1.0), 2),
-        (SamplingConfig(temperature=1.5, top_k=3), GuidanceSchedule(2.0), 3),
-        (SamplingConfig(), GuidanceSchedule(2.5, plausibility=0.3), 2),
+        (SamplingConfig(), GuidanceSchedule(1.0), 2, "gumbel"),
+        (SamplingConfig(temperature=1.5, top_k=3), GuidanceSchedule(2.0), 3, "gumbel"),
+        (SamplingConfig(), GuidanceSchedule(2.5, plausibility=0.3), 2, "gumbel"),
+        (SamplingConfig(), GuidanceSchedule(2.0), 3, "independent"),
     ],
 )
-def test_jacobi_is_exact(sampling, guidance, window):
+def test_jacobi_is_exact(sampling, guidance, window, coupling):
     model = StubGPT(StubConfig(vocab_size=4, seed=4, gain=1.0))
     cond, uncond = conds(model, [0] * 100_000)
-    codes, stats = generate_jacobi(model, cond, uncond, 3, window, sampling, guidance, gen(5))
-    assert 0.2 < stats.acceptance_rate < 0.9
+    codes, stats = generate_jacobi(
+        model, cond, uncond, 3, window, sampling, guidance, gen(5), coupling=coupling
+    )
+    assert 0.2 < stats.acceptance_rate < 0.95
     assert exactness_pvalue(codes, exact_probs(model, sampling, guidance), 4) > 1e-3
+
+
+@torch.no_grad()
+def test_mc_sjd_coupling_needs_fewer_calls_than_independent_drafts():
+    """On a (tiny, real) GPT, coupled drafts stop flickering: more tokens per target call."""
+    model = tiny_prior("gpt", vocab=16, grid=(4, 4), sharpen=3.0)
+    cond, uncond = conds(model, [0, 1, 2] * 100)
+    rate = {
+        coupling: generate_jacobi(model, cond, uncond, 16, 8, generator=gen(0),
+                                  coupling=coupling)[1].tokens_per_target_call
+        for coupling in ("gumbel", "independent")
+    }  # fmt: skip
+    assert rate["gumbel"] > 1.2 * rate["independent"]
+
+
+def test_negative_control_accept_test_reusing_the_draft_noise_fails(monkeypatch):
+    """MC-SJD's trap: only the draft noise may be shared; an accept test that reads the noise
+    the draft was drawn with (here: the winning uniform of its race) breaks exactness."""
+
+    def reused(noise, positions, drafts):
+        u = noise.uniform(positions, DRAW, 4)  # the draft's own race noise [B, g, V]
+        return u.gather(-1, drafts[..., None])[..., 0]
+
+    monkeypatch.setattr(speculative, "acceptance_uniforms", reused)
+    model = StubGPT(StubConfig(vocab_size=4, seed=4, gain=1.0))
+    cond, uncond = conds(model, [0] * 30_000)
+    guidance = GuidanceSchedule(2.0)
+    codes, _ = generate_jacobi(model, cond, uncond, 3, 2, SamplingConfig(), guidance, gen(5))
+    assert exactness_pvalue(codes, exact_probs(model, SamplingConfig(), guidance), 4) < 1e-8
 
 
 def test_negative_control_wrong_residual_fails(monkeypatch):

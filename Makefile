@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # so no second torch with several GB of CUDA packages is ever pulled.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast lint demo demo-text bench clean
+.PHONY: setup test test-fast lint demo demo-text bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,9 @@ bench: setup
 	$(BIN)/python bench/quantizers.py
 	$(BIN)/python bench/train_prior.py
 	$(BIN)/python bench/sampling.py
+
+bench-gpu:  # on a CUDA machine whose python has torch, transformers, einops (<= 8 min)
+	$(PY) bench/gpu.py
 
 clean:
 	rm -rf outputs

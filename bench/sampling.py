@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
 import itertools  # noqa: E402
+import json  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
@@ -48,6 +49,7 @@ from prior.hf_export import llama_input_ids  # noqa: E402
 from sampling import (  # noqa: E402
     GuidanceSchedule,
     RelaxedAcceptance,
+    RowNoise,
     SamplingConfig,
     SpeculativeStats,
     generate_ar,
@@ -55,6 +57,7 @@ from sampling import (  # noqa: E402
     generate_maskgit,
     generate_speculative,
 )
+from sampling.generate import DecodeOptions, generate_codes  # noqa: E402
 
 RANDOM_NOTE = (
     "random weights: the untrained target and draft are both close to uniform, so the draft "
@@ -64,7 +67,9 @@ RANDOM_NOTE = (
     "speculative / relaxed / Jacobi decoding are therefore NOT meaningful here; the AR vs "
     "transformers and MaskGIT vs AR timings are (they depend on sizes only)."
 )
-OURS = ["ar", "speculative", "relaxed", "jacobi"]
+OURS = ["ar", "speculative", "relaxed", "jacobi", "mc_sjd"]
+COMPILED = ["ar_compiled", "speculative_compiled", "mc_sjd_compiled"]
+LOSSLESS = ["speculative", "jacobi", "mc_sjd", "speculative_compiled", "mc_sjd_compiled"]
 SETTINGS = (
     "batch", "cfg", "draft_len", "relaxed_k", "relaxed_delta", "jacobi_window", "maskgit_steps",
     "temperature", "top_k", "hf_cache", "compile", "compile_mode", "repeats", "warmup", "seed",
@@ -85,21 +90,27 @@ def candidates(
     target: GPT, draft: GPT, batch: int, scale: float, methods: list[str], models: Models,
     hf: HF | None, args, device: torch.device,
 ) -> dict[str, Callable[[], Any]]:  # fmt: skip
-    """Closures for one (batch, guidance) setting; every call samples with a fresh seed."""
+    """Closures for one (batch, guidance) setting; every call samples with fresh seeds."""
     n = target.config.seq_len
     tc, tu, ids = conditions(target, batch)
     dc, du, _ = conditions(draft, batch)
     guidance = GuidanceSchedule(scale)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k)
-    seeds = itertools.count(args.seed)
+    seeds = itertools.count(args.seed * 1_000_003)
 
-    def gen() -> torch.Generator:
-        return torch.Generator(device).manual_seed(next(seeds))
+    def noise() -> RowNoise:
+        return RowNoise.from_seeds([next(seeds) for _ in range(batch)], device=device)
 
-    def spec(relaxed: RelaxedAcceptance | None) -> SpeculativeStats:
+    def spec(relaxed: RelaxedAcceptance | None, compiled: bool) -> SpeculativeStats:
         return generate_speculative(
             target, draft, tc, dc, n, tu, du, args.draft_len, sampling=sampling,
-            guidance=guidance, generator=gen(), relaxed=relaxed,
+            guidance=guidance, relaxed=relaxed, noise=noise(), compile=compiled,
+        )[1]  # fmt: skip
+
+    def jacobi(coupling: str, compiled: bool) -> SpeculativeStats:
+        return generate_jacobi(
+            target, tc, tu, n, args.jacobi_window, sampling, guidance, coupling=coupling,
+            noise=noise(), compile=compiled,
         )[1]  # fmt: skip
 
     def hf_generate(assistant: Any = None) -> SpeculativeStats:
@@ -124,16 +135,19 @@ def candidates(
         )  # fmt: skip
 
     def ar(compiled: bool) -> None:
-        generate_ar(target, tc, tu, n, sampling, guidance, gen(), compiled, args.compile_mode)
+        generate_ar(target, tc, tu, n, sampling, guidance, compile=compiled,
+                    compile_mode=args.compile_mode, noise=noise())  # fmt: skip
 
+    c = args.compile
     table: dict[str, Callable[[], Any]] = {
         "ar": lambda: ar(False),
         "ar_compiled": lambda: ar(True),
-        "speculative": lambda: spec(None),
-        "relaxed": lambda: spec(models.relaxed),
-        "jacobi": lambda: generate_jacobi(
-            target, tc, tu, n, args.jacobi_window, sampling, guidance, gen()
-        )[1],
+        "speculative": lambda: spec(None, False),
+        "speculative_compiled": lambda: spec(None, True),
+        "relaxed": lambda: spec(models.relaxed, c),
+        "jacobi": lambda: jacobi("independent", c),
+        "mc_sjd": lambda: jacobi("gumbel", False),
+        "mc_sjd_compiled": lambda: jacobi("gumbel", True),
         "transformers": lambda: hf_generate(),
         "transformers_assisted": lambda: hf_generate(hf.draft),
     }
@@ -141,7 +155,7 @@ def candidates(
         mc, mu, _ = conditions(models.maskgit, batch)
         table["maskgit"] = lambda: generate_maskgit(
             models.maskgit, mc, mu, n, args.maskgit_steps, sampling, guidance=guidance,
-            generator=gen(),
+            noise=noise(), compile=c,
         )[1]  # fmt: skip
     return {name: table[name] for name in methods}
 
@@ -236,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--grid", type=int, default=16, help="random models: codes per side (N = grid^2)")
     a("--vocab", type=int, default=1024, help="random models: codebook size")
     a("--num-classes", type=int, default=10, help="random models: classes")
-    a("--batch", type=int, default=4, help="the batch > 1 setting (and AR vs transformers)")
+    a("--batch", type=int, default=8, help="the batch > 1 setting (and AR vs transformers)")
     a("--cfg", type=float, default=3.0, help="guidance scale of the CFG runs")
     a("--draft-len", type=int, default=4, help="gamma, also transformers' num_assistant_tokens")
     a("--relaxed-k", type=int, default=8, help="LANTERN neighbours per code")
@@ -246,7 +260,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--temperature", type=float, default=1.0)
     a("--top-k", type=int, default=0, help="0 = off (on both sides)")
     a("--hf-cache", default="", choices=["", "static", "dynamic"], help="'' = its default")
-    a("--compile", action="store_true", help="also time torch.compile'd AR decode")
+    a("--compile", action=argparse.BooleanOptionalAction, default=True,
+      help="also time the compiled engine (AR, speculative, MC-SJD; first call compiles)")  # fmt: skip
+    a("--maskgit-batch", type=int, default=16, help="batch of the MaskGIT vs AR setting")
     a("--compile-mode", default="default", help="e.g. reduce-overhead (CUDA graphs) on GPU")
     a("--repeats", type=int, default=3, help="timed calls per candidate (median)")
     a("--warmup", type=int, default=1, help="untimed calls per candidate first")
@@ -312,23 +328,68 @@ def ours_sections(
     groups: dict[tuple[int, float], dict[str, Timing]], args, n: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Speculative / relaxed / Jacobi vs AR per (batch, cfg); MaskGIT vs AR at batch B."""
-    scales, big = (1.0, args.cfg), args.batch
+    scales, big, mb = (1.0, args.cfg), args.batch, args.maskgit_batch
     speculative = {
         f"batch_{b}": {
-            f"cfg_{s:g}": {m: summary(groups[b, s][m], groups[b, s]["ar"], b, n) for m in OURS}
+            f"cfg_{s:g}": {
+                m: summary(t, fastest_ar(groups[b, s]), b, n)
+                for m, t in groups[b, s].items()
+                if not m.startswith("transformers")
+            }
             for s in scales
         }
         for b in (1, big)
     }
-    maskgit: dict[str, Any] = {"batch": big, "steps": args.maskgit_steps, "note": MASKGIT_NOTE}
-    for s in scales:
-        g = groups[big, s]
-        maskgit[f"cfg_{s:g}"] = {
-            "maskgit_images_per_s": round(big / g["maskgit"].median, 4),
-            "ar_images_per_s": round(big / g["ar"].median, 4),
-            "maskgit_speedup_vs_ar": ratio(g["ar"], g["maskgit"]),
-        }
+    g = groups[mb, args.cfg]
+    maskgit: dict[str, Any] = {
+        "batch": mb, "steps": args.maskgit_steps, "cfg": args.cfg, "note": MASKGIT_NOTE,
+        "maskgit_images_per_s": round(mb / g["maskgit"].median, 4),
+        "ar_images_per_s": round(mb / fastest_ar(g).median, 4),
+        "maskgit_speedup_vs_ar": ratio(fastest_ar(g), g["maskgit"]),
+    }  # fmt: skip
     return speculative, maskgit
+
+
+def fastest_ar(group: dict[str, Timing]) -> Timing:
+    """Our fastest plain AR of a setting (compiled or eager): every speed-up is against it."""
+    return min((group[m] for m in ("ar", "ar_compiled") if m in group), key=lambda t: t.median)
+
+
+def best_lossless(group: dict[str, Timing]) -> tuple[str, float]:
+    """(method, speed-up over our fastest AR) of the fastest exact method of a setting."""
+    base = fastest_ar(group)
+    speedups = {m: ratio(base, group[m]) for m in LOSSLESS if m in group}
+    name = max(speedups, key=speedups.get)
+    return name, speedups[name]
+
+
+@torch.no_grad()
+def batch_invariant(models: Models, args, device: torch.device) -> bool:
+    """Every row of a mixed batch equals its prompt and seed generated alone (fp32), for AR
+    and every exact method, on the target prior."""
+    t, d = models.target, models.draft
+    batch, guidance = 6, GuidanceSchedule(args.cfg)
+    noise = RowNoise.from_seeds(list(range(100, 100 + batch)), device=device)
+    decodes = [DecodeOptions("ar"), DecodeOptions("speculative", draft_len=args.draft_len),
+               DecodeOptions("jacobi", jacobi_window=args.jacobi_window),
+               DecodeOptions("jacobi", jacobi_window=args.jacobi_window,
+                             jacobi_coupling="independent")]  # fmt: skip
+
+    def run(decode: DecodeOptions, rows: list[int]) -> Tensor:
+        index = torch.tensor(rows, device=device)
+        tc, tu, _ = conditions(t, batch)
+        dc, du, _ = conditions(d, batch)
+        return generate_codes(
+            t, tc.select(index), tu.select(index), decode=decode, sampling=SamplingConfig(),
+            guidance=guidance, draft=d, draft_conds=(dc.select(index), du.select(index)),
+            noise=noise.select(index),
+        ).codes  # fmt: skip
+
+    for decode in decodes:
+        together = run(decode, list(range(batch)))
+        if not all(torch.equal(run(decode, [r])[0], together[r]) for r in range(batch)):
+            return False
+    return True
 
 
 def describe(model: torch.nn.Module) -> dict[str, Any]:
@@ -363,19 +424,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         fns = candidates(target, draft, batch, scale, methods, models, hf, args, device)
         return interleaved(fns, args.repeats, args.warmup, device)
 
+    compiled = COMPILED if args.compile else []
     ar_hf = ["ar", "transformers"] + (["ar_compiled"] if args.compile else [])
     groups: dict[tuple[int, float], dict[str, Timing]] = {}
     for batch, scale in itertools.product([1, big], [1.0, args.cfg]):
-        methods = OURS + (["maskgit"] if batch == big else [])
+        methods = OURS + compiled
         if models.hf_is_main and scale == 1.0:  # transformers joins the same round-robin
-            extra = ar_hf if batch == big else ASSISTED
+            extra = ar_hf if batch == big else ASSISTED + ["ar_compiled"] * args.compile
             methods += [m for m in extra if m not in methods]
         groups[batch, scale] = run(models.target, models.draft, batch, scale, methods)
+    mb = args.maskgit_batch
+    groups[mb, args.cfg] = run(models.target, models.draft, mb, args.cfg,
+                               ["ar", "maskgit"] + ["ar_compiled"] * args.compile)  # fmt: skip
     if models.hf_is_main:
         hf_big, hf_one = groups[big, 1.0], groups[1, 1.0]
     else:  # ours runs on the exported (fresh 1D-RoPE) weights beside transformers
         src = (models.hf_target_src, models.hf_draft_src)
-        hf_big, hf_one = run(*src, big, 1.0, ar_hf), run(*src, 1, 1.0, ASSISTED)
+        one_hf = ASSISTED + ["ar_compiled"] * args.compile
+        hf_big, hf_one = run(*src, big, 1.0, ar_hf), run(*src, 1, 1.0, one_hf)
     ar_vs, assisted = transformers_sections(hf_big, hf_one, models, args, n)
     speculative, maskgit = ours_sections(groups, args, n)
     cfg = models.target.config
@@ -402,7 +468,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "note": " ".join(models.notes + ([RANDOM_NOTE] if models.weights == "random" else [])),
         "elapsed_s": round(time.perf_counter() - begin, 1),
     }
+    method_1, best_1 = best_lossless(groups[1, args.cfg])
+    method_b, best_b = best_lossless(groups[big, args.cfg])
+    ar_name = "ar_compiled" if args.compile else "ar"
+    report["summary"] = {
+        "ar_vs_transformers_b1": ratio(hf_one["transformers"], fastest_ar(hf_one)),
+        f"ar_vs_transformers_b{big}": ratio(hf_big["transformers"], fastest_ar(hf_big)),
+        "cfg_overhead_b1": ratio(groups[1, 1.0][ar_name], groups[1, args.cfg][ar_name]),
+        "best_lossless_vs_ar_b1": best_1,
+        f"best_lossless_vs_ar_b{big}": best_b,
+        "best_lossless_method": method_1 if method_1 == method_b else f"{method_1} / {method_b}",
+        f"maskgit_vs_ar_b{mb}": maskgit["maskgit_speedup_vs_ar"],
+        "batch_invariant": batch_invariant(models, args, device)
+        if dtype == torch.float32
+        else None,
+        "device": report["device"],
+        "weights": models.weights,
+    }
     emit(report, args.out)
+    print(json.dumps(report["summary"]))
     return report
 
 

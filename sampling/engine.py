@@ -49,6 +49,14 @@ def wants_compile(compile: bool | str, device: torch.device) -> bool:
     return device.type == "cuda" if compile == "auto" else bool(compile)
 
 
+def compiled(fn: Callable, mode: str) -> Callable:
+    """torch.compile(fn) with static shapes. mode "reduce-overhead" adds CUDA graphs;
+    "trace" only traces with dynamo (no code generation: seconds, for smoke tests)."""
+    if mode == "trace":
+        return torch.compile(fn, backend="eager", dynamic=False)
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
 def bucket_rows(rows: int, compiled: bool) -> int:
     """Slots for `rows` rows: the next power of two when compiled (one graph per bucket), else
     exactly `rows` (eager runs any shape for free)."""
@@ -151,7 +159,7 @@ class DecodeEngine:
         if not self.compiled:
             return fn(*args)
         if name not in self._compiled:
-            self._compiled[name] = torch.compile(fn, mode=self.compile_mode, dynamic=False)
+            self._compiled[name] = compiled(fn, self.compile_mode)
         key = (name,) + tuple(a.shape for a in args)
         if key in self._warm:
             return self._compiled[name](*args)

@@ -162,8 +162,10 @@ def test_the_step_is_one_graph_without_breaks(guided):
         engine.admit(None, model.condition(class_ids=zeros), model.null_condition(2),
                      RowSettings.build(2, 12, SamplingConfig(), GuidanceSchedule(2.0)),
                      RowNoise.from_seeds([0, 1]))  # fmt: skip
-        for fn, args in [(engine._step, (zeros, zeros)),
-                         (engine._distributions, (torch.zeros(2, 4, dtype=torch.long), zeros))]:
+        for fn, args in [
+            (engine._step, (zeros, zeros)),
+            (engine._distributions, (torch.zeros(2, 4, dtype=torch.long), zeros)),
+        ]:
             explained = torch._dynamo.explain(fn)(*args)
             assert explained.graph_break_count == 0 and explained.graph_count == 1
     torch._dynamo.reset()
@@ -175,11 +177,11 @@ def test_compiled_engine_gives_the_eager_codes():
     model, draft = models()
     conds = (model.condition(class_ids=torch.tensor([0, 1, 2])), model.null_condition(3))
     noise, guidance = RowNoise.from_seeds([1, 2, 3]), GuidanceSchedule(3.0)
-    for compile in (False, True):
-        codes = generate_ar(model, *conds, 12, guidance=guidance, noise=noise, compile=compile)
-        if compile:
-            assert torch.equal(codes, eager)
-        eager = codes
+    eager, compiled = (
+        generate_ar(model, *conds, 12, guidance=guidance, noise=noise, compile=compile)
+        for compile in (False, True)
+    )
+    assert torch.equal(compiled, eager)
     torch._dynamo.reset()
 
 

@@ -82,6 +82,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # 0 disables
     ema_decay: float = 0.0  # 0 disables the EMA
+    fused: bool = False  # fused AdamW kernel (CUDA and CPU in torch >= 2.4): one op per step
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.lr) or self.lr <= 0:
@@ -141,7 +142,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=cfg.fused or None)
 
 
 def finite_everywhere(accelerator: Accelerator, loss: torch.Tensor) -> bool:

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # so no second torch with several GB of CUDA packages is ever pulled.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast lint demo demo-text bench bench-gpu clean
+.PHONY: setup browser test test-fast lint demo demo-text serve bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt --no-build-isolation "deepspeed>=0.14"
 	touch $(STAMP)
 
-test: setup
+# the page's browser test drives Debian's headless Chromium (skipped, saying so, without it)
+browser:
+	-@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || echo "no chromium: the browser test will be skipped"
+
+test: setup browser
 	$(BIN)/ruff check .
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests -x --durations=20
 
@@ -35,6 +39,10 @@ demo: setup
 
 demo-text: setup
 	$(BIN)/python scripts/demo.py --config configs/demo/shapes.yaml --output-dir outputs/demo-text
+
+serve: setup  # the `make demo` models behind http://127.0.0.1:8000/
+	$(BIN)/python scripts/serve.py --tokenizer outputs/demo/tokenizer/final \
+		--prior outputs/demo/prior/final --draft outputs/demo/draft/final --port 8000
 
 bench: setup
 	$(BIN)/python bench/quantizers.py

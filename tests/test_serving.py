@@ -1,0 +1,267 @@
+"""The HTTP server: API, bad requests, continuous batching, queue limit, disconnect, shutdown,
+and the page in a real (headless Chromium) browser."""
+
+import base64
+import io
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+from test_pipeline import tiny_prior, tiny_tokenizer
+
+from sampling import Pipeline
+from serving import Scheduler, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Server:
+    """uvicorn on a free loopback port in a thread, over a started scheduler."""
+
+    def __init__(self, pipe: Pipeline, **options) -> None:
+        self.scheduler = Scheduler(pipe, **options).start()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(create_app(self.scheduler), host="127.0.0.1", port=self.port,
+                                log_level="error")  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def post(self, timeout: float = 60.0, **body) -> httpx.Response:
+        return httpx.post(f"{self.url}/v1/images/generations", json=body, timeout=timeout)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    tok = tiny_tokenizer()
+    return Pipeline(tok, tiny_prior(tok), tiny_prior(tok, dim=16, seed=1))
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    s = Server(pipe, max_rows=4, max_queue=64)
+    yield s
+    s.close()
+
+
+def pixels(b64: str) -> np.ndarray:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB"))
+
+
+def test_models_health_metrics(server):
+    info = httpx.get(f"{server.url}/v1/models").json()["data"][0]
+    assert info["kind"] == "gpt" and info["classes"] == ["zero", "one", "two"]
+    assert info["grid"] == [4, 4] and info["codebook_size"] == 16
+    assert set(info["methods"]) == {"ar", "speculative", "relaxed", "jacobi"}
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in ("tessera_queue_depth", "tessera_rows_in_flight", "tessera_tokens_per_second",
+                 'tessera_request_latency_seconds_bucket{le="+Inf"}'):  # fmt: skip
+        assert name in metrics
+
+
+def test_images_equal_the_pipeline_alone_or_in_company(server, pipe):
+    settings = dict(guidance_scale=2.0, top_k=5, temperature=0.9)
+    with ThreadPoolExecutor(4) as pool:  # four requests share the batch
+        futures = [pool.submit(server.post, prompt=p, n=2, seed=s, **settings)
+                   for p, s in (("one", 7), ("two", 8), (0, 9), ("one", 10))]  # fmt: skip
+        replies = [f.result() for f in futures]
+    for reply, (prompt, seed) in zip(replies, (("one", 7), ("two", 8), (0, 9), ("one", 10))):
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert [d["seed"] for d in body["data"]] == [seed, seed] and body["stats"]["images"] == 2
+        alone = pipe(prompt, num_images_per_prompt=2, seed=seed, **settings, output_type="np")
+        for d, expected in zip(body["data"], alone.images):
+            assert np.array_equal(pixels(d["b64_json"]), expected)
+
+
+def test_other_methods_run_through_the_pipeline(server, pipe):
+    reply = server.post(prompt="two", n=2, seed=3, guidance_scale=2.0, method="speculative")
+    assert reply.status_code == 200, reply.text
+    alone = pipe("two", num_images_per_prompt=2, seed=3, guidance_scale=2.0,
+                 method="speculative", output_type="np")  # fmt: skip
+    assert np.array_equal(pixels(reply.json()["data"][1]["b64_json"]), alone.images[1])
+
+
+BAD = [
+    ({"prompt": "seven"}, 400, "prompt"),  # unknown class
+    ({"prompt": 3}, 400, "prompt"),  # class id out of range
+    ({"prompt": "one", "n": 0}, 422, "n"),
+    ({"prompt": "one", "n": 17}, 422, "n"),
+    ({"prompt": "one", "guidance_scale": -1}, 422, "guidance_scale"),
+    ({"prompt": "one", "top_p": 0}, 422, "top_p"),
+    ({"prompt": "one", "top_p": 1.5}, 422, "top_p"),
+    ({"prompt": "one", "temperature": 0}, 422, "temperature"),
+    ({"prompt": "one", "method": "beam"}, 400, "method"),
+    ({"prompt": "one", "n": "four"}, 422, "n"),
+    ({"prompt": "one", "colour": "red"}, 422, "colour"),
+    ({"n": 2}, 422, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "field"), BAD)
+def test_bad_requests_name_the_field_and_the_server_goes_on(server, body, status, field):
+    reply = httpx.post(f"{server.url}/v1/images/generations", json=body)
+    assert reply.status_code == status, reply.text
+    assert reply.json()["error"]["field"] == field
+    assert server.post(prompt="zero", seed=1).status_code == 200
+
+
+def test_nan_malformed_json_and_huge_bodies_are_refused(server):
+    url = f"{server.url}/v1/images/generations"
+    headers = {"Content-Type": "application/json"}
+    nan = httpx.post(url, content=b'{"prompt": "one", "guidance_scale": NaN}', headers=headers)
+    assert nan.status_code in (400, 422) and nan.json()["error"]["field"] in (
+        "guidance_scale",
+        "body",
+    )
+    broken = httpx.post(url, content=b'{"prompt": "one", ', headers=headers)
+    assert broken.status_code == 400 and broken.json()["error"]["field"] == "body"
+    huge = httpx.post(url, content=b'{"prompt": "' + b"x" * 100_000 + b'"}', headers=headers)
+    assert huge.status_code == 413
+    assert server.post(prompt="zero", seed=1).status_code == 200
+
+
+def test_speculative_without_a_draft_is_refused():
+    tok = tiny_tokenizer()
+    s = Server(Pipeline(tok, tiny_prior(tok)), max_rows=2)
+    try:
+        reply = s.post(prompt="one", method="speculative")
+        assert reply.status_code == 400 and "draft" in reply.json()["error"]["message"]
+        assert reply.json()["error"]["field"] == "method"
+    finally:
+        s.close()
+
+
+def test_a_short_request_finishes_before_a_long_one_that_started_first(pipe):
+    s = Server(pipe, max_rows=2)
+    order = []
+
+    def send(name, n):
+        reply = s.post(prompt="one", n=n, seed=1)
+        assert reply.status_code == 200
+        order.append(name)
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            long = pool.submit(send, "long", 16)  # 16 images on 2 slots: eight waves
+            while not s.scheduler.rows_in_flight:
+                time.sleep(0.005)
+            short = pool.submit(send, "short", 1)
+            long.result(), short.result()
+        assert order == ["short", "long"]
+    finally:
+        s.close()
+
+
+def test_a_full_queue_answers_429_at_once(pipe):
+    s = Server(pipe, max_rows=1, max_queue=16)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(s.post, prompt="one", n=16, seed=0)
+            while not s.scheduler.rows_in_flight:
+                time.sleep(0.005)
+            start = time.time()
+            reply = s.post(prompt="two", n=16)
+            assert reply.status_code == 429 and "queue full" in reply.json()["error"]["message"]
+            assert time.time() - start < 2.0
+            assert busy.result().status_code == 200
+    finally:
+        s.close()
+
+
+def test_a_disconnected_client_frees_its_rows(pipe):
+    s = Server(pipe, max_rows=1, max_queue=64)
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            s.post(timeout=0.15, prompt="one", n=16, seed=0)
+        deadline = time.time() + 10
+        while (s.scheduler.rows_in_flight or s.scheduler.queued_rows) and time.time() < deadline:
+            time.sleep(0.05)
+        assert s.scheduler.rows_in_flight == 0 and s.scheduler.queued_rows == 0
+        assert s.scheduler.stats.images < 16
+        assert s.post(prompt="zero", seed=2).status_code == 200
+    finally:
+        s.close()
+
+
+def test_shutdown_finishes_rows_in_flight_and_refuses_new_work(pipe):
+    s = Server(pipe, max_rows=1, max_queue=64)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(s.post, prompt="one", n=16, seed=0)
+        while not s.scheduler.rows_in_flight:
+            time.sleep(0.002)
+        queued = pool.submit(s.post, prompt="two", n=2, seed=0)
+        while s.scheduler.queued_rows < 16:  # the second job is queued, no slot free yet
+            time.sleep(0.002)
+        s.scheduler.stop()
+        assert running.result().status_code == 200 and len(running.result().json()["data"]) == 16
+        assert queued.result().status_code == 503
+    assert s.post(prompt="one").status_code == 503
+    s.close()
+
+
+def chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(chromium() is None, reason="Debian chromium + chromium-driver not installed "
+                    "(make test installs them with apt-get where it can)")  # fmt: skip
+def test_the_page_in_a_real_browser(server):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=900,700"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prompt option"))
+        Select(driver.find_element(By.ID, "prompt")).select_by_visible_text("two")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#images img")) == 4)
+        for img in driver.find_elements(By.CSS_SELECTOR, "#images img"):
+            src = img.get_attribute("src")
+            assert src.startswith("data:image/png;base64,")
+            pixels(src.split(",", 1)[1])
+        assert "images in" in driver.find_element(By.ID, "status").text
+        shots = ROOT / "outputs" / "screenshots"
+        shots.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(shots / "serve_page.png"))
+        # an error is shown, not swallowed
+        driver.execute_script("document.getElementById('n').removeAttribute('max')")
+        driver.find_element(By.ID, "n").clear()
+        driver.find_element(By.ID, "n").send_keys("40")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "error" in d.find_element(By.ID, "status").text)
+    finally:
+        driver.quit()

@@ -31,6 +31,7 @@ BAD = {
     "train_prior": ["--output-dir", "{tmp}/p", "data.tokens={tmp}/no_tokens"],
     "export_tokens": ["--tokenizer", "{tmp}/no_tok", "--data", "digits", "--out", "{tmp}/e"],
     "generate": ["--tokenizer", "{tmp}/no_tok", "--prior", "{tmp}/no_prior"],
+    "serve": ["--tokenizer", "{tmp}/no_tok", "--prior", "{tmp}/no_prior"],
     "evaluate": ["--tokenizer", "{tmp}/no_tok"],
     "export_llama": ["--prior", "{tmp}/no_prior", "--out", "{tmp}/l"],
     "demo": ["--output-dir", "{tmp}/d", "seed=many"],

@@ -52,6 +52,12 @@ def wants_compile(compile: bool | str, device: torch.device) -> bool:
 def compiled(fn: Callable, mode: str) -> Callable:
     """torch.compile(fn) with static shapes. mode "reduce-overhead" adds CUDA graphs;
     "trace" only traces with dynamo (no code generation: seconds, for smoke tests)."""
+    # every engine shares one code object: room for each (engine, bucket, length) entry
+    limit = torch._dynamo.config.cache_size_limit
+    torch._dynamo.config.cache_size_limit = max(limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(
+        torch._dynamo.config.accumulated_cache_size_limit, 512
+    )
     if mode == "trace":
         return torch.compile(fn, backend="eager", dynamic=False)
     return torch.compile(fn, mode=mode, dynamic=False)

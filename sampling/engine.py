@@ -120,9 +120,9 @@ class DecodeEngine:
         """Prefill slots Long[b] (None = all R) with their rows' conditions, settings and noise;
         returns the distributions of their token 0, [b, V]. Other slots keep their caches."""
         self._attach()
-        every = torch.arange(self.rows, device=self.device)
-        self.settings.write(every if slots is None else slots, settings)
-        self.keys[every if slots is None else slots] = noise.keys
+        rows = torch.arange(self.rows, device=self.device) if slots is None else slots
+        self.settings.write(rows, settings)
+        self.keys[rows] = noise.keys
         cache_rows = slots
         if self.guided:
             if uncond is None:

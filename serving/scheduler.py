@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from sampling.engine import DecodeEngine
+from sampling.generate import MODEL_METHODS
 from sampling.guidance import GuidanceSchedule
 from sampling.logits import SamplingConfig
 from sampling.noise import RowNoise
@@ -334,8 +335,6 @@ def describe(pipeline: Pipeline) -> dict[str, Any]:
 
 
 def methods_for(pipeline: Pipeline) -> tuple[str, ...]:
-    from sampling.generate import MODEL_METHODS
-
     methods = MODEL_METHODS[pipeline.prior.config.model_type]
     if pipeline.draft is None:
         methods = tuple(m for m in methods if m not in ("speculative", "relaxed"))

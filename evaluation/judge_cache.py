@@ -17,17 +17,18 @@ def load_or_train_judge(
     cache_dir: str | Path,
     data: RealData,
     train_config: JudgeTrainConfig | None = None,
-    resolution: int = 32,
+    resolution: int | None = None,
     channels: list[int] | None = None,
 ) -> tuple[Judge, dict[str, Any]]:
     """The judge cached in `cache_dir` if it was trained the same way on the same data, else
-    train and save it. Returns the judge and its training report (held-out accuracy, seconds)."""
+    train and save it. Returns the judge and its training report (held-out accuracy, seconds).
+    `resolution`: the judge's input size; default the data's own, so nothing is resampled."""
     cache_dir = Path(cache_dir)
     cfg = train_config or JudgeTrainConfig()
     model_cfg = JudgeConfig(
         num_classes=len(data.class_names),
         class_names=list(data.class_names),
-        resolution=resolution,
+        resolution=resolution or data.resolution,
         dataset=f"{data.name}@{data.resolution}",
     )
     if channels is not None:

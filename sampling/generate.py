@@ -47,7 +47,8 @@ class DecodeOptions:
     method: str = "ar"
     num_steps: int | None = None  # maskgit: decoding steps
     draft_len: int | None = None  # speculative, relaxed: drafted tokens per round
-    adaptive_draft: bool | None = None  # speculative, relaxed: grow/shrink the draft length
+    adaptive_draft: bool | str | None = None  # speculative, relaxed: True grows/shrinks the
+    # draft length from acceptance; "cost" picks it from measured call costs
     relaxed_k: int | None = None  # relaxed: latent-space neighbours per code
     relaxed_delta: float | None = None  # relaxed: probability budget borrowed from neighbours
     jacobi_window: int | None = None  # jacobi: tokens refined per iteration
@@ -65,6 +66,10 @@ class DecodeOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.adaptive_draft not in (None, False, True, "cost"):
+            raise ValueError(
+                f"adaptive_draft must be true, false or 'cost', got {self.adaptive_draft!r}"
+            )
         if self.relaxed_k is not None and self.relaxed_k < 0:
             raise ValueError(f"relaxed_k must be >= 0, got {self.relaxed_k}")
         if self.jacobi_coupling is not None and self.jacobi_coupling not in COUPLINGS:

@@ -152,7 +152,7 @@ class Pipeline:
         top_p: float = 1.0,
         num_steps: int | None = None,
         draft_len: int | None = None,
-        adaptive_draft: bool | None = None,
+        adaptive_draft: bool | str | None = None,
         relaxed_k: int | None = None,
         relaxed_delta: float | None = None,
         jacobi_window: int | None = None,
@@ -202,7 +202,7 @@ class Pipeline:
             draft=self.draft, draft_conds=draft_conds, relaxed=relaxed, noise=noise,
             compile=compile,
         )  # fmt: skip
-        return self._output(out.codes, prompts, output_type, out.stats, out.reveal_counts)
+        return self.output_for(out.codes, prompts, output_type, out.stats, out.reveal_counts)
 
     def noise(
         self, images: int, seed: int | Sequence[int] | None, generator: torch.Generator | None
@@ -223,7 +223,16 @@ class Pipeline:
         """Flat prior codes [B, N] or [B, N, D] -> images [B, 3, H, W] in [-1, 1]."""
         return self.tokenizer.decode(unflatten_codes(codes, self.tokenizer.grid)).clamp(-1, 1)
 
-    def _output(self, codes, prompts, output_type, stats, counts) -> PipelineOutput:
+    def output_for(
+        self,
+        codes: Tensor,
+        prompts: list[Prompt],
+        output_type: str = "pil",
+        stats: SpeculativeStats | None = None,
+        counts: list[int] | None = None,
+    ) -> PipelineOutput:
+        """Codes [B, N] (or [B, N, D]) decoded into what a call with `output_type` returns; the
+        server uses it to decode a finished row on its own."""
         if output_type == "codes":
             return PipelineOutput(codes, codes, prompts, stats, counts)
         images = self.decode(codes)

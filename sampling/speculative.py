@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from sampling.autoregressive import batch_size, positions_of, row_noise
+from sampling.draft_length import CallCosts
 from sampling.engine import EngineBatch
 from sampling.guidance import GuidanceSchedule
 from sampling.logits import SamplingConfig
@@ -145,7 +146,7 @@ def generate_speculative(
     target_uncond: Condition | None = None,
     draft_uncond: Condition | None = None,
     draft_len: int = 4,
-    adaptive: bool = False,
+    adaptive: bool | str = False,
     max_draft_len: int | None = None,
     sampling: SamplingConfig | None = None,
     guidance: GuidanceSchedule | None = None,
@@ -164,7 +165,10 @@ def generate_speculative(
     adaptive: gamma starts at draft_len and, from the mean accepted run m of the running rows,
     grows by 1 (up to max_draft_len, default 2 * draft_len) when m >= gamma - 0.5 (with one row:
     everything accepted) and shrinks by 1 (down to 1) when m < gamma / 2 (early rejection).
-    Any choice made from past rounds keeps the output exact.
+    adaptive="cost": gamma (1 .. max_draft_len, default max(8, 2 * draft_len)) maximises
+    expected tokens per second from the measured draft and target call times and the running
+    acceptance rate (sampling.draft_length). Any choice made from past rounds keeps the output
+    exact; a timing-based one makes the exact sample of a seed vary between runs.
     """
     sampling = sampling if sampling is not None else SamplingConfig()
     guidance = guidance if guidance is not None else GuidanceSchedule()
@@ -172,9 +176,12 @@ def generate_speculative(
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
     if draft_len < 1:
         raise ValueError(f"draft_len must be >= 1, got {draft_len}")
+    if adaptive not in (False, True, "cost"):
+        raise ValueError(f"adaptive must be False, True or 'cost', got {adaptive!r}")
     gmax = draft_len
     if adaptive:
-        gmax = max_draft_len if max_draft_len is not None else 2 * draft_len
+        default_max = max(8, 2 * draft_len) if adaptive == "cost" else 2 * draft_len
+        gmax = max_draft_len if max_draft_len is not None else default_max
         if gmax < draft_len:
             raise ValueError(f"max_draft_len ({gmax}) must be >= draft_len ({draft_len})")
     if draft is target:
@@ -189,6 +196,12 @@ def generate_speculative(
     drf = EngineBatch(draft, draft_cond, draft_uncond, settings, noise,
                       num_tokens=num_tokens, compile=compile)  # fmt: skip
     stats = SpeculativeStats(rows=batch, num_tokens=num_tokens)
+    costs = CallCosts() if adaptive == "cost" else None
+
+    def draft_call(tokens: Tensor, start: Tensor) -> Tensor:
+        if costs is None:
+            return drf.decode(tokens, start)
+        return costs.timed("draft", device, drf.decode, tokens, start)
 
     out = torch.zeros(batch, num_tokens + gmax + 1, dtype=torch.long, device=device)
     out[:, 0] = noise.sample(tgt.prefill(), positions_of(batch, 0, device))
@@ -206,22 +219,27 @@ def generate_speculative(
         # draft: feed the last accepted token(s); after the first round feed two, because a
         # fully accepted round leaves the draft one token behind (its last draft was never fed)
         if first:
-            q_next = drf.decode(out[:, :1], torch.zeros_like(n))[:, 0]
+            q_next = draft_call(out[:, :1], torch.zeros_like(n))[:, 0]
         else:
             last_two = out.gather(1, torch.stack([n_eff - 2, n_eff - 1], dim=1))  # [B, 2]
-            q_next = drf.decode(last_two, n_eff - 2)[:, -1]  # [B, V]
+            q_next = draft_call(last_two, n_eff - 2)[:, -1]  # [B, V]
         qs, ds = [q_next], [noise.sample(q_next, n_eff, DRAW)]
         for j in range(1, g):
             # feed draft j-1 at its position; rows out of room re-feed their token at N - 1
             pos = (n_eff - 1 + j).clamp(max=num_tokens - 1)
             token = round_tokens(out, torch.stack(ds, dim=1), n_eff, pos)[:, 0]
-            q_next = drf.decode(token[:, None], pos)[:, 0]
+            q_next = draft_call(token[:, None], pos)[:, 0]
             qs.append(q_next)
             ds.append(noise.sample(q_next, n_eff + j, DRAW))
         q, d = torch.stack(qs, dim=1), torch.stack(ds, dim=1)  # [B, g, V], [B, g]
         # verify: one target pass over [x_{n-1}, d_n .. d_{n+g-1}] (shifted back near the end)
         start = n_eff - 1 - shift
-        p = align(tgt.decode(round_tokens(out, d, n_eff, start), start), shift)  # [B, g+1, V]
+        fed = round_tokens(out, d, n_eff, start)  # [B, g+1]
+        if costs is None:
+            logits = tgt.decode(fed, start)
+        else:
+            logits = costs.timed("target", device, tgt.decode, fed, start)
+        p = align(logits, shift)  # [B, g+1, V]
         acc, nxt = verify(p, q, d, noise, n_eff, relaxed, limit)
         n = torch.where(active, commit(out, n_eff, active, d, acc, nxt), n)
         drafted += limit.sum()
@@ -229,7 +247,10 @@ def generate_speculative(
         stats.iterations += 1
         stats.draft_lengths.append(g)
         first = False
-        if adaptive:
+        if costs is not None:
+            costs.observe_acceptance(float(acc[active].sum()) / max(1, int(limit[active].sum())))
+            gamma = costs.choose(gamma, gmax)
+        elif adaptive:
             run = float(acc[active].float().mean())  # mean accepted run of running rows
             if run >= g - 0.5:
                 gamma = min(gamma + 1, gmax)

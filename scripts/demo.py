@@ -69,7 +69,7 @@ class DemoConfig:
     guidance_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
     eval_per_class: int = 50
     draft_len: int = 4
-    seed: int = 0
+    seed: int = 0  # training (tokenizer, views, prior; draft: seed + 1) and sampling
 
 
 def run(cmd: list[str]) -> None:
@@ -119,15 +119,17 @@ def train_models(cfg: DemoConfig, out: Path, timings: dict[str, float]) -> None:
     tok_dir, tokens = out / "tokenizer", out / "tokens"
     tok_key = stage("tokenizer", tok_dir, tok_dir / "final", ["scripts/train_tokenizer.py", "--config",
                     cfg.tokenizer.config, "--output-dir", str(tok_dir), "--resume", "latest",
-                    *cfg.tokenizer.overrides], timings)  # fmt: skip
+                    f"runtime.seed={cfg.seed}", *cfg.tokenizer.overrides], timings)  # fmt: skip
     token_keys = []
     for split, views in (("train", cfg.export_views), ("test", 1)):
         token_keys.append(stage(f"export_{split}", tokens / split, tokens / split, ["scripts/export_tokens.py",
               "--tokenizer", str(tok_dir / "final"), "--data", cfg.data, "--split", split, "--out",
-              str(tokens / split), "--views", str(views), *cfg.export_overrides], timings, tok_key))  # fmt: skip
-    for name, sub in (("prior", cfg.prior), ("draft", cfg.draft)):
+              str(tokens / split), "--views", str(views), "--seed", str(cfg.seed), *cfg.export_overrides], timings,
+              tok_key))  # fmt: skip
+    for name, sub, seed in (("prior", cfg.prior, cfg.seed), ("draft", cfg.draft, cfg.seed + 1)):
         stage(name, out / name, out / name / "final", ["scripts/train_prior.py", "--config", sub.config,
-              "--output-dir", str(out / name), "--resume", "latest", f"data.tokens={tokens / 'train'}",
+              "--output-dir", str(out / name), "--resume", "latest", f"runtime.seed={seed}",
+              f"data.tokens={tokens / 'train'}",
               f"data.val_tokens={tokens / 'test'}", f"data.tokenizer={tok_dir / 'final'}", *sub.overrides],
               timings, "".join(token_keys))  # fmt: skip
 

@@ -41,7 +41,6 @@ from serving.scheduler import (
 PAGE = Path(__file__).with_name("page.html")
 MAX_BODY_BYTES = 64 * 1024
 MAX_IMAGES = 16
-LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class GenerationRequest(BaseModel):
@@ -214,10 +213,10 @@ def prometheus(scheduler: Scheduler, started: float) -> str:
         "# TYPE tessera_tokens_per_second gauge", f"tessera_tokens_per_second {s.tokens / uptime:.3f}",
         "# TYPE tessera_request_latency_seconds histogram",
     ]  # fmt: skip
-    for bound in LATENCY_BUCKETS:
-        count = sum(latency <= bound for latency in s.latencies)
+    h = s.latency
+    for bound, count in zip(h.bounds, h.counts, strict=True):
         lines.append(f'tessera_request_latency_seconds_bucket{{le="{bound}"}} {count}')
-    lines.append(f'tessera_request_latency_seconds_bucket{{le="+Inf"}} {len(s.latencies)}')
-    lines.append(f"tessera_request_latency_seconds_sum {sum(s.latencies):.6f}")
-    lines.append(f"tessera_request_latency_seconds_count {len(s.latencies)}")
+    lines.append(f'tessera_request_latency_seconds_bucket{{le="+Inf"}} {h.total}')
+    lines.append(f"tessera_request_latency_seconds_sum {h.sum_s:.6f}")
+    lines.append(f"tessera_request_latency_seconds_count {h.total}")
     return "\n".join(lines) + "\n"

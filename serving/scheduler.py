@@ -87,6 +87,26 @@ class Slot:
     codes: list[torch.Tensor]
 
 
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
+
+
+@dataclass
+class LatencyHistogram:
+    """Request latencies as Prometheus histogram counters: fixed memory however long it serves."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))  # per bucket
+    total: int = 0
+    sum_s: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:
+                self.counts[i] += 1
+        self.total += 1
+        self.sum_s += seconds
+
+
 @dataclass
 class Stats:
     """What /metrics reports."""
@@ -96,7 +116,7 @@ class Stats:
     steps: int = 0
     failed: int = 0
     cancelled: int = 0
-    latencies: list[float] = field(default_factory=list)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 class Scheduler:
@@ -270,7 +290,7 @@ class Scheduler:
                 self._finish_row(slot.job, slot.image, torch.stack(slot.codes))
 
     def _finish_row(self, job: Job, image: int, codes: torch.Tensor) -> None:
-        pil = self.pipeline._output(codes[None], [job.prompts[image]], "pil", None, None).images[0]
+        pil = self.pipeline.output_for(codes[None], [job.prompts[image]]).images[0]
         with self._cv:
             if job.done:
                 return
@@ -278,7 +298,7 @@ class Scheduler:
             self.stats.images += 1
             if all(img is not None for img in job.images):
                 job.finished = time.monotonic()
-                self.stats.latencies.append(job.finished - job.submitted)
+                self.stats.latency.observe(job.finished - job.submitted)
                 job.on_done(job)
 
     def _run_whole(self, job: Job) -> None:
@@ -299,7 +319,7 @@ class Scheduler:
             self.stats.images += len(job.images)
             self.stats.tokens += len(job.images) * self.num_tokens
             job.finished = time.monotonic()
-            self.stats.latencies.append(job.finished - job.submitted)
+            self.stats.latency.observe(job.finished - job.submitted)
             job.on_done(job)
 
     def _fail(self, job: Job, error: BaseException) -> None:

@@ -36,6 +36,7 @@ BAD = {
     "export_llama": ["--prior", "{tmp}/no_prior", "--out", "{tmp}/l"],
     "demo": ["--output-dir", "{tmp}/d", "seed=many"],
     "compare_estimators": ["--output-dir", "{tmp}/c", "runtime.max_stepz=3"],
+    "demo_seeds": ["--output-dir", "{tmp}/d", "--seeds", "0"],
 }
 
 

@@ -265,3 +265,15 @@ def test_the_page_in_a_real_browser(server):
         wait.until(lambda d: "error" in d.find_element(By.ID, "status").text)
     finally:
         driver.quit()
+
+
+def test_latency_histogram_is_cumulative_and_fixed_size():
+    from serving.scheduler import LatencyHistogram
+
+    h = LatencyHistogram(bounds=(0.5, 1.0, 5.0), counts=[0, 0, 0])
+    for seconds in (0.2, 0.7, 0.9, 7.0):
+        h.observe(seconds)
+    assert h.counts == [1, 3, 3] and h.total == 4 and h.sum_s == pytest.approx(8.8)
+    for _ in range(1000):
+        h.observe(0.1)
+    assert len(h.counts) == 3  # memory does not grow with the requests served

@@ -15,6 +15,7 @@ from stub_models import (
 
 import sampling.speculative as speculative
 from sampling.autoregressive import generate_ar
+from sampling.draft_length import CallCosts
 from sampling.guidance import GuidanceSchedule, guide
 from sampling.logits import SamplingConfig
 from sampling.noise import RowNoise
@@ -48,8 +49,9 @@ def run_spec(target, draft, labels, n, **kwargs):
 
 @pytest.mark.parametrize(
     ("gamma", "scale", "adaptive"),
-    [(1, 1.0, False), (3, 1.0, False), (5, 3.0, False), (2, 2.0, True), (4, 1.5, False)],
-)
+    [(1, 1.0, False), (3, 1.0, False), (5, 3.0, False), (2, 2.0, True), (4, 1.5, False),
+     (2, 2.0, "cost")],
+)  # fmt: skip
 def test_greedy_speculative_equals_greedy_ar(gamma, scale, adaptive):
     target, draft = pair(vocab=8, noise=0.8)
     labels = [0, 1, 2, 0, 1, 2]
@@ -133,6 +135,23 @@ def test_speculative_is_exact(sampling, guidance, gamma, adaptive, noise, length
     assert exactness_pvalue(codes, exact, 4) > 1e-3
 
 
+def test_draft_length_from_call_costs_is_exact(monkeypatch):
+    """adaptive="cost" with fixed fake call costs (draft 0.1, target 1.0): the length follows the
+    measured acceptance (here it leaves its start of 1) and the samples stay exact."""
+
+    def timed(self, kind, device, call, *args):
+        self._fold(kind, {"draft": 0.1, "target": 1.0}[kind])
+        return call(*args)
+
+    monkeypatch.setattr(CallCosts, "timed", timed)
+    sampling, guidance = SamplingConfig(), GuidanceSchedule(2.0)
+    target, draft = pair(noise=0.15)
+    codes, stats = run_spec(target, draft, [0] * 100_000, 4, draft_len=1, adaptive="cost",
+                            sampling=sampling, guidance=guidance, generator=gen(5))  # fmt: skip
+    assert len(set(stats.draft_lengths)) > 1
+    assert exactness_pvalue(codes, exact_probs(target, sampling, guidance, 4), 4) > 1e-3
+
+
 @pytest.mark.parametrize("scale", [1.0, 2.5])
 def test_negative_control_wrong_residual_fails(monkeypatch, scale):
     monkeypatch.setattr(speculative, "_residual", lambda p, q: p)
@@ -174,6 +193,8 @@ def test_bad_arguments():
         run_spec(target, draft, [0], 4, draft_len=0)
     with pytest.raises(ValueError, match="max_draft_len"):
         run_spec(target, draft, [0], 4, draft_len=4, adaptive=True, max_draft_len=2)
+    with pytest.raises(ValueError, match="adaptive"):
+        run_spec(target, draft, [0], 4, adaptive="fast")
 
 
 def test_verify_deterministic_cases():

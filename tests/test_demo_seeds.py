@@ -1,0 +1,81 @@
+"""The seed-spread scripts: scores read from metrics.json, mean ± sample std, paired differences."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+
+from scripts import compare_estimators, demo_seeds
+
+
+def metrics(psnr: float, acc2: float, fr2: float, *, shapes: bool = False) -> dict:
+    run = {"guidance_scale": 2.0, "frechet": fr2, "accuracy": {"overall": acc2}}
+    if shapes:
+        run["prompt_check"] = {"color": 1.0, "shape": 0.9, "overall": 0.9, "count": 540}
+    return {
+        "tokenizer": {"psnr": psnr, "ssim": 0.9, "codebook_usage": 1.0},
+        "judge": {"heldout_accuracy": 0.98},
+        "generation": {"floor": {"train_vs_heldout": 0.5}, "runs": [run]},
+        "timings_s": {"prior": 100.0, "total": 300.0},
+    }
+
+
+def test_scores_flatten_one_run_with_the_floor_ratio():
+    s = demo_seeds.scores(metrics(25.0, 0.99, 0.6, shapes=True))
+    assert s["tokenizer_psnr"] == 25.0 and s["g2_accuracy"] == 0.99
+    assert s["g2_frechet_vs_floor"] == pytest.approx(1.2)
+    assert s["g2_prompt_all_four"] == 0.9 and s["g2_prompt_shape"] == 0.9
+    assert "g2_prompt_count" not in s  # counts are not scores
+    assert s["seconds_total"] == 300.0
+
+
+def test_spread_is_mean_and_sample_std_over_runs():
+    runs = [
+        demo_seeds.scores(metrics(p, a, 0.6)) for p, a in ((24.0, 0.98), (25.0, 0.99), (27.0, 1.0))
+    ]
+    summary = demo_seeds.spread(runs)
+    assert summary["tokenizer_psnr"]["mean"] == pytest.approx(25.333333)
+    assert summary["tokenizer_psnr"]["std"] == pytest.approx(statistics.stdev([24.0, 25.0, 27.0]))
+    assert (summary["g2_accuracy"]["min"], summary["g2_accuracy"]["max"]) == (0.98, 1.0)
+    assert summary["g2_frechet"]["std"] == 0.0
+    text = demo_seeds.table(summary, [0, 1, 2])
+    assert "| tokenizer_psnr | 25.33 ± 1.5 | 24 | 27 |" in text
+
+
+def test_a_score_missing_from_one_run_is_left_out():
+    a, b = demo_seeds.scores(metrics(24.0, 0.98, 0.6)), demo_seeds.scores(metrics(25.0, 0.99, 0.6))
+    del b["g2_accuracy"]
+    assert "g2_accuracy" not in demo_seeds.spread([a, b])
+
+
+def test_seed_zero_is_the_demo_folder_itself():
+    base = Path("/x/outputs/demo")
+    assert demo_seeds.run_dir(base, 0) == base
+    assert demo_seeds.run_dir(base, 2) == Path("/x/outputs/demo-seed2")
+
+
+def test_one_seed_is_refused():
+    with pytest.raises(SystemExit):
+        demo_seeds.parse_args(["--seeds", "3", "3"])
+
+
+def test_estimator_comparison_pairs_runs_of_one_seed():
+    def run(psnr: float) -> dict:
+        return {"psnr": psnr, "ssim": 0.9, "codebook_usage": 0.5, "perplexity": 10.0}
+
+    per_seed = [
+        {"ste": run(20.0), "rotation": run(21.0)},
+        {"ste": run(19.0), "rotation": run(21.5)},
+    ]
+    diffs = [compare_estimators.difference(r) for r in per_seed]
+    assert [d["psnr"] for d in diffs] == [1.0, 2.5]
+    spread = compare_estimators.mean_std(diffs)
+    assert spread["psnr"] == pytest.approx([1.75, statistics.stdev([1.0, 2.5])])
+    assert spread["ssim"] == [0.0, 0.0]
+
+
+def test_estimator_comparison_refuses_a_seed_override():
+    with pytest.raises(SystemExit):
+        compare_estimators.parse_args(["runtime.seed=3"])

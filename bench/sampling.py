@@ -68,8 +68,9 @@ RANDOM_NOTE = (
     "transformers and MaskGIT vs AR timings are (they depend on sizes only)."
 )
 OURS = ["ar", "speculative", "relaxed", "jacobi", "mc_sjd"]
-COMPILED = ["ar_compiled", "speculative_compiled", "mc_sjd_compiled"]
-LOSSLESS = ["speculative", "jacobi", "mc_sjd", "speculative_compiled", "mc_sjd_compiled"]
+COMPILED = ["ar_compiled", "speculative_compiled", "speculative_cost_compiled", "mc_sjd_compiled"]
+LOSSLESS = ["speculative", "jacobi", "mc_sjd", "speculative_compiled", "speculative_cost_compiled",
+            "mc_sjd_compiled"]  # fmt: skip
 SETTINGS = (
     "batch", "cfg", "draft_len", "relaxed_k", "relaxed_delta", "jacobi_window", "maskgit_steps",
     "temperature", "top_k", "hf_cache", "compile", "compile_mode", "repeats", "warmup", "seed",
@@ -101,9 +102,11 @@ def candidates(
     def noise() -> RowNoise:
         return RowNoise.from_seeds([next(seeds) for _ in range(batch)], device=device)
 
-    def spec(relaxed: RelaxedAcceptance | None, compiled: bool) -> SpeculativeStats:
+    def spec(
+        relaxed: RelaxedAcceptance | None, compiled: bool, adaptive: bool | str = False
+    ) -> SpeculativeStats:
         return generate_speculative(
-            target, draft, tc, dc, n, tu, du, args.draft_len, sampling=sampling,
+            target, draft, tc, dc, n, tu, du, args.draft_len, adaptive, sampling=sampling,
             guidance=guidance, relaxed=relaxed, noise=noise(), compile=compiled,
         )[1]  # fmt: skip
 
@@ -144,6 +147,7 @@ def candidates(
         "ar_compiled": lambda: ar(True),
         "speculative": lambda: spec(None, False),
         "speculative_compiled": lambda: spec(None, True),
+        "speculative_cost_compiled": lambda: spec(None, True, "cost"),  # draft length from costs
         "relaxed": lambda: spec(models.relaxed, c),
         "jacobi": lambda: jacobi("independent", c),
         "mc_sjd": lambda: jacobi("gumbel", False),

@@ -103,7 +103,7 @@ def evaluate_generation(
         raise ValueError(f"the prior's classes {names} are not {data.name}'s {data.class_names}")
     prompts, labels, texts = balanced_prompts(mode, data, n_per_class, seed)
     held_feats = judge.features(dataset_images(data.heldout))
-    floor = real_floor(judge, data, n=len(prompts), seed=seed)
+    floor = real_floor(judge, data, n=len(prompts))  # the data's floor: the same for every seed
     runs = []
     for scale in guidance_scales:
         images = sample_images(pipe, prompts, float(scale), seed, options)

@@ -52,16 +52,22 @@ def best_draft_len(
 class CallCosts:
     """Running (exponential) means of draft and target call seconds and of the acceptance rate.
 
-    The first call of each kind is not counted: it may include compilation."""
+    The first call of each kind and input width is not counted: on a compiled engine it
+    includes the compilation of that shape."""
 
     draft_s: float = 0.0
     target_s: float = 0.0
     acceptance: float = 0.5  # prior belief until a round has been verified
     decay: float = 0.7  # weight of the old mean
-    _seen: tuple[int, int] = (0, 0)
+    _widths: frozenset[tuple[str, int]] = frozenset()
 
     def timed(self, kind: str, device: torch.device, call: Callable[..., T], *args: object) -> T:
-        """Run `call(*args)` and fold its wall time into `kind`'s mean ("draft" or "target")."""
+        """Run `call(tokens [B, W], ...)` and fold its wall time into `kind`'s mean ("draft" or
+        "target"), unless it is the first call of that kind with width W."""
+        key = (kind, int(args[0].shape[1]))  # type: ignore[attr-defined]
+        if key not in self._widths:
+            self._widths |= {key}
+            return call(*args)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
@@ -71,16 +77,11 @@ class CallCosts:
         return out
 
     def _fold(self, kind: str, seconds: float) -> None:
-        index = ("draft", "target").index(kind)
-        seen = self._seen[index]
-        self._seen = tuple(s + (i == index) for i, s in enumerate(self._seen))  # type: ignore[assignment]
-        if seen == 0:
-            return  # the first call: compile time, cache set-up
         old = getattr(self, f"{kind}_s")
         setattr(
             self,
             f"{kind}_s",
-            seconds if seen == 1 else self.decay * old + (1 - self.decay) * seconds,
+            seconds if old == 0 else self.decay * old + (1 - self.decay) * seconds,
         )
 
     def observe_acceptance(self, rate: float) -> None:

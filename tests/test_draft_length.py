@@ -38,16 +38,29 @@ def test_cheap_good_drafts_go_long_and_costly_poor_drafts_go_short():
         best_draft_len(0.5, 0.1, 1.0, max_len=0)
 
 
-def test_call_costs_skip_the_first_call_and_keep_a_running_mean():
+def test_call_costs_keep_a_running_mean():
     costs = CallCosts(decay=0.5)
     assert costs.choose(3, 8) == 3  # nothing measured: keep the current length
-    for seconds in (100.0, 2.0, 4.0):  # the first (compile) is ignored
+    for seconds in (2.0, 4.0):
         costs._fold("target", seconds)
     assert costs.target_s == 3.0
-    costs._fold("draft", 50.0)
     costs._fold("draft", 0.1)
     costs.observe_acceptance(0.9)
     assert costs.acceptance == pytest.approx(0.7)
     assert costs.choose(3, 8) == best_draft_len(0.7, 0.1, 3.0, max_len=8)
-    value = costs.timed("draft", torch.device("cpu"), lambda x: x + 1, 41)
-    assert value == 42 and 0 < costs.draft_s < 0.1
+
+
+def test_the_first_call_of_each_width_is_not_timed():
+    """It may compile that shape: 100 s of compilation must not make drafting look costly."""
+    costs, calls = CallCosts(), []
+
+    def call(tokens):
+        calls.append(tokens.shape[1])
+        return tokens.sum()
+
+    cpu = torch.device("cpu")
+    for width in (1, 1, 2, 2):
+        costs.timed("draft", cpu, call, torch.ones(3, width))
+    assert calls == [1, 1, 2, 2] and 0 < costs.draft_s < 1.0
+    costs.timed("target", cpu, call, torch.ones(3, 5))
+    assert costs.target_s == 0.0  # the first target call of width 5: not counted

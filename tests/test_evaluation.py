@@ -18,7 +18,7 @@ from evaluation.plots import plot_guidance
 from evaluation.prompts import balanced_prompts
 from evaluation.real_data import RealData
 from evaluation.runner import SampleOptions, evaluate_generation
-from evaluation.scores import accuracy_from_predictions, class_accuracy
+from evaluation.scores import accuracy_from_predictions, class_accuracy, real_floor
 from evaluation.shapes_check import check_shapes, parse_prompt, read_image
 from tokenizer.embedded import load_embedded, load_shapes
 
@@ -209,6 +209,20 @@ def test_evaluate_generation_with_perfect_generator(
 
 
 # ---- shapes check ---------------------------------------------------------------------------------
+def test_real_floor_averages_draws_and_is_seeded(tiny_judge, digits_data) -> None:
+    """The floor is the mean over subsets; one subset alone can sit far from it."""
+    judge = tiny_judge[0]
+    floor = real_floor(judge, digits_data, n=200, draws=4)
+    assert floor["draws"] == 4 and floor["n_train"] == 200 and floor["n_heldout"] == 297
+    assert floor["train_vs_heldout_std"] > 0  # subsets differ
+    singles = [real_floor(judge, digits_data, n=200, seed=s, draws=1)["train_vs_heldout"]
+               for s in range(4)]  # fmt: skip
+    assert min(singles) < max(singles)
+    assert real_floor(judge, digits_data, n=200, draws=4) == floor  # seeded: the same again
+    with pytest.raises(ValueError, match="draws"):
+        real_floor(judge, digits_data, n=200, draws=0)
+
+
 def test_parse_prompt() -> None:
     p = parse_prompt("a small red circle at the top left")
     assert (p.size, p.color, p.shape, p.position) == ("small", "red", "circle", "top left")

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # so no second torch with several GB of CUDA packages is ever pulled.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup browser test test-fast lint demo demo-text serve bench bench-gpu clean
+.PHONY: setup browser test test-fast lint demo demo-text demo-seeds compare-estimators serve bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,14 @@ demo: setup
 
 demo-text: setup
 	$(BIN)/python scripts/demo.py --config configs/demo/shapes.yaml --output-dir outputs/demo-text
+
+demo-seeds: setup  # the README's digits table: `make demo` for seeds 0 1 2, mean ± std (~25 min)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/demo_seeds.py --config configs/demo/digits.yaml \
+		--output-dir outputs/demo --seeds 0 1 2 --out bench/results/demo_seeds_digits.json
+
+compare-estimators: setup  # rotation trick vs straight-through, 3 seeds each (~8 min)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/compare_estimators.py --config configs/tokenizer/digits.yaml \
+		--seeds 0 1 2 --output-dir outputs/compare_estimators_digits
 
 serve: setup  # the `make demo` models behind http://127.0.0.1:8000/
 	$(BIN)/python scripts/serve.py --tokenizer outputs/demo/tokenizer/final \

@@ -8,6 +8,7 @@ against after warm-up. The last line is the JSON summary.
 
     python bench/serve.py                    # the `make demo` models, CPU
     python bench/serve.py --random --quick   # tiny random models, seconds
+    python bench/serve.py --screenshot bench/results/serve_page.png   # + the page in Chromium
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse  # noqa: E402
 import base64  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import threading  # noqa: E402
@@ -98,6 +100,38 @@ def run(url: str, clients: int, bodies: list[list[dict]]) -> dict:
             "failed": sum(bad for _, bad in results)}  # fmt: skip
 
 
+def screenshot(url: str, path: str, *, prompt: str, n: int, guidance: float) -> None:
+    """Generate from the page in Debian's headless Chromium (selenium) and save a screenshot."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (browser and driver_path):
+        raise SystemExit("--screenshot needs chromium and chromium-driver (make browser)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,760"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prompt option"))
+        Select(driver.find_element(By.ID, "prompt")).select_by_visible_text(prompt)
+        for field, value in (("n", n), ("guidance", guidance)):
+            driver.find_element(By.ID, field).clear()
+            driver.find_element(By.ID, field).send_keys(str(value))
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#images img")) == n)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(path)
+    finally:
+        driver.quit()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -108,9 +142,11 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests", type=int, default=4, help="requests per client")
     p.add_argument("--max-rows", type=int, default=64)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=1.75)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="clients 1 4 16, 2 requests each")
+    p.add_argument("--screenshot", default=None, help="PNG of the page after generating there")
+    p.add_argument("--screenshot-prompt", default="7", help="class name (or text) for the page")
     args = p.parse_args()
     if args.quick:
         args.clients, args.requests = [1, 4, 16], 2
@@ -144,6 +180,8 @@ def main() -> None:
     concurrent = run(url, 16, same)
     sequential = run(url, 1, [[b for client_bodies in same for b in client_bodies]])
     after = rss_mb()
+    if args.screenshot:
+        screenshot(url, args.screenshot, prompt=args.screenshot_prompt, n=8, guidance=args.guidance)
     server.should_exit = True
     summary = {
         "images_per_s": {str(r["clients"]): r["images_per_s"] for r in report["load"]},

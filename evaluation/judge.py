@@ -10,9 +10,11 @@ resolution, so one judge serves tokenizers of any resolution.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +160,18 @@ def augment(x: torch.Tensor, cfg: JudgeTrainConfig, gen: torch.Generator) -> tor
     return x.clamp(-1, 1)
 
 
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """CPU training on one thread: the judge is a measuring instrument, so its weights must not
+    depend on the machine's core count (a 2-thread judge moved the digits floor by 7 %)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class Judge(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
     """images [B, 3, H, W] in [-1, 1] -> class probabilities [B, K] and features [B, F]."""
 
@@ -261,7 +275,7 @@ class Judge(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
                 f"labels must lie in [0, {self.config.num_classes}), got [{int(y.min())}, {int(y.max())}]"
             )
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), single_thread():
             torch.manual_seed(cfg.seed)  # init and dropout
             for m in self.modules():
                 if hasattr(m, "reset_parameters") and m is not self:

@@ -30,7 +30,7 @@ from prior.data import PriorData, check_labels, load_data
 from prior.loading import load_prior, prior_classes
 from prior.objective import PriorObjective
 from prior.train_config import PriorTrainConfig, SampleConfig, resolve_prior_config
-from tokenizer.images import image_grid, save_png, to_pil
+from tokenizer.images import save_png, to_pil, viewing_grid
 from tokenizer.manifest import TokenizerIdentity, unflatten_codes
 from tokenizer.model import Tokenizer
 from training.config import from_dict
@@ -218,8 +218,8 @@ def make_samples(run: PriorRun, step: int) -> None:
 
 
 def save_grid(images: Tensor, path: Path, per_row: int) -> None:
-    """images [B, 3, H, W] in [-1, 1] -> one PNG, `per_row` per row, 2 px black gutters."""
-    save_png(image_grid(to_pil(images), per_row, gap=2), path)
+    """images [B, 3, H, W] in [-1, 1] -> one PNG, `per_row` per row, enlarged for viewing."""
+    save_png(viewing_grid(to_pil(images), per_row), path)
 
 
 def plain_config(cfg: PriorConfig) -> PriorConfig:

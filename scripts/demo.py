@@ -31,7 +31,7 @@ from evaluation.plots import plot_guidance  # noqa: E402
 from evaluation.real_data import real_data  # noqa: E402
 from evaluation.runner import SampleOptions, evaluate_generation  # noqa: E402
 from sampling import Pipeline  # noqa: E402
-from tokenizer.images import image_grid, save_png, to_pil, viewing_grid  # noqa: E402
+from tokenizer.images import save_png, to_pil, viewing_grid  # noqa: E402
 from tokenizer.metrics import reconstruction_metrics  # noqa: E402
 from training import cli  # noqa: E402
 from training.config import parse_cli  # noqa: E402
@@ -162,6 +162,14 @@ def sample_grids(cfg: DemoConfig, pipe: Pipeline, out: Path) -> dict[str, dict]:
     return report
 
 
+@torch.no_grad()
+def save_reconstructions(pipe: Pipeline, images: torch.Tensor, path: Path) -> None:
+    """Held-out images [n, 3, H, W] over their tokenizer reconstructions, enlarged for viewing."""
+    recon = pipe.tokenizer.decode(pipe.tokenizer.encode(images)).clamp(-1, 1)
+    grid = viewing_grid(to_pil(images) + to_pil(recon), len(images), labels=["held-out", "recon"])
+    save_png(grid, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_cli(DemoConfig, argv, description=__doc__)
     out = Path(args.output_dir).resolve()  # stages run with cwd=ROOT: no relative paths
@@ -176,15 +184,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     data = real_data(cfg.data, cfg.resolution)
     metrics: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-    metrics["tokenizer"] = reconstruction_metrics(
-        pipe.tokenizer, dataset_images(data.heldout).split(64)
-    )
+    held = dataset_images(data.heldout)  # [N, 3, H, W]
+    metrics["tokenizer"] = reconstruction_metrics(pipe.tokenizer, held.split(64))
+    save_reconstructions(pipe, held[:12], out / "reconstructions.png")
     metrics["sampling"] = sample_grids(cfg, pipe, out)
     judge, judge_report = load_or_train_judge(out / "judge", data)
     metrics["judge"] = {k: judge_report[k] for k in judge_report if k != "train_config"}
 
     def save_eval_grid(scale: float, images: torch.Tensor) -> None:
-        grid = image_grid(to_pil(images), cols=cfg.eval_per_class)
+        """The first 16 evaluation samples of each prompt group, one labelled row per group."""
+        groups = images.split(cfg.eval_per_class)  # class-balanced: prompt blocks in order
+        shown = min(16, cfg.eval_per_class)
+        labels = pipe.class_names if cfg.prompt_mode == "class" else None
+        cells = [im for group in groups for im in to_pil(group[:shown])]
+        grid = viewing_grid(cells, shown, labels=labels[: len(groups)] if labels else None)
         save_png(grid, out / f"eval_guidance_{scale:g}.png")
 
     metrics["generation"] = evaluate_generation(
@@ -206,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         json.dumps({"tokenizer_psnr": round(metrics["tokenizer"]["psnr"], 2), **summary}, indent=2)
     )
-    print(f"\noutputs in {out}/: samples.png, samples_speculative.png, guidance.png, metrics.json,"
+    print(f"\noutputs in {out}/: samples.png, samples_speculative.png, reconstructions.png, guidance.png, metrics.json,"
           f" tokenizer/final, prior/final, draft/final")  # fmt: skip
 
 

@@ -150,14 +150,17 @@ def test_judge_cache_round_trip(tiny_judge: tuple[Judge, dict, str], digits_data
         JudgeConfig(num_classes=3, class_names=["a"])
 
 
-def test_judge_training_is_seeded(digits_data: RealData) -> None:
+def test_judge_training_is_seeded_whatever_the_thread_count(digits_data: RealData) -> None:
     small = digits_data.train.select(range(128))
     cfg = JudgeTrainConfig(steps=4, batch_size=32, seed=3)
-    weights = []
-    for _ in range(2):
+    weights, before = [], torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
         judge = Judge(JudgeConfig(num_classes=10, resolution=16, channels=[4, 8]))
-        judge.train_on(small, cfg)
+        judge.train_on(small, cfg, progress=False)
+        assert torch.get_num_threads() == threads  # restored after training
         weights.append(judge.state_dict())
+    torch.set_num_threads(before)
     for key, value in weights[0].items():
         torch.testing.assert_close(value, weights[1][key], rtol=0, atol=0)
 

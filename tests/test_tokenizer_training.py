@@ -115,13 +115,16 @@ def test_train_saves_loadable_model_grid_eval_and_resumes(tmp_path):
     assert saved["images"] == 24 and 0 < saved["codebook_usage"] <= 1
     assert 1 <= saved["perplexity"] <= 32
 
-    # the grid: originals on top (exact pixels of the held-out images), reconstructions below
+    # the grid: originals on top (exact pixels of the held-out images), reconstructions below,
+    # each 16 px cell enlarged 8x (nearest), 2 px gaps, a left margin for the row labels
     grid = np.array(Image.open(out / "samples" / "recon_step_000002.png"))
-    assert grid.shape == (2 * (16 + 4), 3 * (16 + 4), 3)
+    margin = 8 + 6 * len("original")
+    assert grid.shape == (2 + 2 * 128 + 2 + 2, margin + 2 + 3 * 128 + 2 * 2 + 2, 3)
     cfg = _cfg()
     first = load_image_dataset(cfg.data, "test")[0]["image"]
     expected = ((ImageTransform.from_config(cfg.data, train=False)(first) + 1) * 127.5).round()
-    top_left = torch.from_numpy(grid[2:18, 2:18].astype(np.float32)).permute(2, 0, 1)
+    cell = grid[2 : 2 + 128 : 8, margin + 2 : margin + 2 + 128 : 8]  # one pixel per source pixel
+    top_left = torch.from_numpy(cell.astype(np.float32)).permute(2, 0, 1)
     torch.testing.assert_close(top_left, expected, atol=1, rtol=0)
 
     # the GAN: discriminator steps only from disc_start on

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tokenizer.data import ImageTransform, make_dataloader
-from tokenizer.images import image_grid, save_png, to_pil
+from tokenizer.images import save_png, to_pil, viewing_grid
 from tokenizer.losses import TokenizerLoss
 from tokenizer.metrics import reconstruction_metrics
 from tokenizer.model import Tokenizer
@@ -225,7 +225,7 @@ def recon_grid(acc: Accelerator, model: Tokenizer, images: torch.Tensor, path: P
         recon = model(images.to(acc.device)).recon.float()
     model.train(was_training)
     cells = to_pil(images) + to_pil(recon)  # originals on top, reconstructions below
-    save_png(image_grid(cells, len(images), gap=4, border=2, background=(128, 128, 128)), path)
+    save_png(viewing_grid(cells, len(images), labels=["original", "recon"]), path)
 
 
 def _eval_data(cfg: TokenizerTrainConfig, acc: Accelerator):

@@ -198,10 +198,11 @@ def generate_speculative(
     stats = SpeculativeStats(rows=batch, num_tokens=num_tokens)
     costs = CallCosts() if adaptive == "cost" else None
 
-    def draft_call(tokens: Tensor, start: Tensor) -> Tensor:
+    def call(kind: str, engine: EngineBatch, tokens: Tensor, start: Tensor) -> Tensor:
+        """engine.decode, timed into `costs` when the draft length follows measured costs."""
         if costs is None:
-            return drf.decode(tokens, start)
-        return costs.timed("draft", device, drf.decode, tokens, start)
+            return engine.decode(tokens, start)
+        return costs.timed(kind, device, engine.decode, tokens, start)
 
     out = torch.zeros(batch, num_tokens + gmax + 1, dtype=torch.long, device=device)
     out[:, 0] = noise.sample(tgt.prefill(), positions_of(batch, 0, device))
@@ -219,27 +220,23 @@ def generate_speculative(
         # draft: feed the last accepted token(s); after the first round feed two, because a
         # fully accepted round leaves the draft one token behind (its last draft was never fed)
         if first:
-            q_next = draft_call(out[:, :1], torch.zeros_like(n))[:, 0]
+            q_next = call("draft", drf, out[:, :1], torch.zeros_like(n))[:, 0]
         else:
             last_two = out.gather(1, torch.stack([n_eff - 2, n_eff - 1], dim=1))  # [B, 2]
-            q_next = draft_call(last_two, n_eff - 2)[:, -1]  # [B, V]
+            q_next = call("draft", drf, last_two, n_eff - 2)[:, -1]  # [B, V]
         qs, ds = [q_next], [noise.sample(q_next, n_eff, DRAW)]
         for j in range(1, g):
             # feed draft j-1 at its position; rows out of room re-feed their token at N - 1
             pos = (n_eff - 1 + j).clamp(max=num_tokens - 1)
             token = round_tokens(out, torch.stack(ds, dim=1), n_eff, pos)[:, 0]
-            q_next = draft_call(token[:, None], pos)[:, 0]
+            q_next = call("draft", drf, token[:, None], pos)[:, 0]
             qs.append(q_next)
             ds.append(noise.sample(q_next, n_eff + j, DRAW))
         q, d = torch.stack(qs, dim=1), torch.stack(ds, dim=1)  # [B, g, V], [B, g]
         # verify: one target pass over [x_{n-1}, d_n .. d_{n+g-1}] (shifted back near the end)
         start = n_eff - 1 - shift
         fed = round_tokens(out, d, n_eff, start)  # [B, g+1]
-        if costs is None:
-            logits = tgt.decode(fed, start)
-        else:
-            logits = costs.timed("target", device, tgt.decode, fed, start)
-        p = align(logits, shift)  # [B, g+1, V]
+        p = align(call("target", tgt, fed, start), shift)  # [B, g+1, V]
         acc, nxt = verify(p, q, d, noise, n_eff, relaxed, limit)
         n = torch.where(active, commit(out, n_eff, active, d, acc, nxt), n)
         drafted += limit.sum()

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if any(o.startswith(f"{key}=") for o in args.overrides):
             parser.error(f"{key} is what this script varies; do not override it")
     if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds must be different, got {args.seeds}")
+        raise ValueError(f"--seeds must be different, got {args.seeds}")
     return args
 
 

@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON (default: OUTPUT_DIR-seeds.json)")
     args = p.parse_args(argv)
     if len(set(args.seeds)) < 2:
-        p.error(f"--seeds needs at least two different seeds for a spread, got {args.seeds}")
+        raise ValueError(
+            f"--seeds needs at least two different seeds for a spread, got {args.seeds}"
+        )
     return args
 
 

@@ -57,8 +57,10 @@ def test_seed_zero_is_the_demo_folder_itself():
 
 
 def test_one_seed_is_refused():
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="two different seeds"):
         demo_seeds.parse_args(["--seeds", "3", "3"])
+    with pytest.raises(ValueError, match="must be different"):
+        compare_estimators.parse_args(["--seeds", "1", "1"])
 
 
 def test_estimator_comparison_pairs_runs_of_one_seed():

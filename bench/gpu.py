@@ -26,8 +26,10 @@ for entry in [p for p in sys.path if Path(p or ".").resolve() == ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
@@ -35,7 +37,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import device_name, synchronize  # noqa: E402
+from bench.common import device_name, synchronize, timed  # noqa: E402
 from bench.train_prior import peak_flops  # noqa: E402
 from prior import GPT, GPTConfig  # noqa: E402
 from prior.attention import HAS_FLASH_ATTN, attention  # noqa: E402
@@ -50,14 +52,7 @@ SMOKE = dict(dim=32, layers=2, heads=2, grid=4, vocab=64, batches=(1, 2))
 def seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
     """Median wall time of fn after one untimed call (which compiles / captures)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
 def attention_errors(device: torch.device, dtype: torch.dtype) -> dict[str, float | str]:
@@ -73,9 +68,12 @@ def attention_errors(device: torch.device, dtype: torch.dtype) -> dict[str, floa
     out: dict[str, float | str] = {}
     backends = ["sdpa"] + (["flash"] if HAS_FLASH_ATTN and device.type == "cuda" else [])
     for backend in backends:
-        ctx = torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION])
-        use_ctx = backend == "sdpa" and device.type == "cuda"
-        with ctx if use_ctx else _null():
+        flash_only = backend == "sdpa" and device.type == "cuda"
+        with (
+            torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.FLASH_ATTENTION])
+            if flash_only
+            else contextlib.nullcontext()
+        ):
             plain = attention(q.to(dtype), k.to(dtype), v.to(dtype), causal=True, backend=backend)
         out[f"{backend}_max_err"] = float((plain.float() - ref).abs().max())
         kc, vc = (
@@ -92,14 +90,6 @@ def attention_errors(device: torch.device, dtype: torch.dtype) -> dict[str, floa
     if not HAS_FLASH_ATTN:
         out["flash"] = "flash-attn not importable (optional extra): SDPA only"
     return out
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def build_gpt(size: dict, device: torch.device, dtype: torch.dtype) -> GPT:

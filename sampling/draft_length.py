@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -59,14 +59,14 @@ class CallCosts:
     target_s: float = 0.0
     acceptance: float = 0.5  # prior belief until a round has been verified
     decay: float = 0.7  # weight of the old mean
-    _widths: frozenset[tuple[str, int]] = frozenset()
+    _widths: set[tuple[str, int]] = field(default_factory=set)  # (kind, width) seen
 
     def timed(self, kind: str, device: torch.device, call: Callable[..., T], *args: object) -> T:
         """Run `call(tokens [B, W], ...)` and fold its wall time into `kind`'s mean ("draft" or
         "target"), unless it is the first call of that kind with width W."""
         key = (kind, int(args[0].shape[1]))  # type: ignore[attr-defined]
         if key not in self._widths:
-            self._widths |= {key}
+            self._widths.add(key)
             return call(*args)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()

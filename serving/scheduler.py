@@ -95,9 +95,12 @@ class LatencyHistogram:
     """Request latencies as Prometheus histogram counters: fixed memory however long it serves."""
 
     bounds: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))  # per bucket
+    counts: list[int] = field(init=False)  # cumulative, one per bound
     total: int = 0
     sum_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.bounds)
 
     def observe(self, seconds: float) -> None:
         for i, bound in enumerate(self.bounds):
@@ -297,9 +300,7 @@ class Scheduler:
             job.images[image] = png_bytes(pil)
             self.stats.images += 1
             if all(img is not None for img in job.images):
-                job.finished = time.monotonic()
-                self.stats.latency.observe(job.finished - job.submitted)
-                job.on_done(job)
+                self._complete(job)
 
     def _run_whole(self, job: Job) -> None:
         """A non-AR method: the whole request as one Pipeline call."""
@@ -318,9 +319,13 @@ class Scheduler:
             job.images = [png_bytes(img) for img in out.images]
             self.stats.images += len(job.images)
             self.stats.tokens += len(job.images) * self.num_tokens
-            job.finished = time.monotonic()
-            self.stats.latency.observe(job.finished - job.submitted)
-            job.on_done(job)
+            self._complete(job)
+
+    def _complete(self, job: Job) -> None:
+        """Every image is in: stamp the job, count its latency, wake its request."""
+        job.finished = time.monotonic()
+        self.stats.latency.observe(job.finished - job.submitted)
+        job.on_done(job)
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if job.done:

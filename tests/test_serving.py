@@ -270,7 +270,7 @@ def test_the_page_in_a_real_browser(server):
 def test_latency_histogram_is_cumulative_and_fixed_size():
     from serving.scheduler import LatencyHistogram
 
-    h = LatencyHistogram(bounds=(0.5, 1.0, 5.0), counts=[0, 0, 0])
+    h = LatencyHistogram(bounds=(0.5, 1.0, 5.0))
     for seconds in (0.2, 0.7, 0.9, 7.0):
         h.observe(seconds)
     assert h.counts == [1, 3, 3] and h.total == 4 and h.sum_s == pytest.approx(8.8)

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # so no second torch with several GB of CUDA packages is ever pulled.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup browser test test-fast lint demo demo-text demo-seeds compare-estimators serve bench bench-gpu clean
+.PHONY: setup browser test test-fast lint demo demo-text demo-seeds compare-estimators tokenizer-seeds serve bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ demo-seeds: setup  # the README's digits table: `make demo` for seeds 0 1 2, mea
 compare-estimators: setup  # rotation trick vs straight-through, 3 seeds each (~8 min)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/compare_estimators.py --config configs/tokenizer/digits.yaml \
 		--seeds 0 1 2 --output-dir outputs/compare_estimators_digits
+
+tokenizer-seeds: setup  # the README's other tokenizer figures: 3 configs x seeds 0 1 2 (~30 min)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/tokenizer_seeds.py --configs configs/tokenizer/digits_fsq.yaml \
+		configs/tokenizer/digits_rq.yaml configs/tokenizer/photos.yaml --seeds 0 1 2 \
+		--out bench/results/tokenizer_seeds.json
 
 serve: setup  # the `make demo` models behind http://127.0.0.1:8000/
 	$(BIN)/python scripts/serve.py --tokenizer outputs/demo/tokenizer/final \

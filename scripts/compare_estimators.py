@@ -9,7 +9,7 @@ steps; only `model.quantizer.estimator` differs. Prints and writes
 of each run (from its eval.json), and over the seeds the mean ± sample std of each estimator's
 scores and of the paired difference rotation - STE (one seed swings the gap by about 1 dB on
 photos, so a single pair proves nothing). Each run is a separate `scripts/train_tokenizer.py`
-process, so no run inherits another's state.
+process, so no run inherits another's state; a run this command already finished is reused.
 """
 
 from __future__ import annotations
@@ -17,19 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+from scripts.tokenizer_seeds import train_run  # noqa: E402
 from tokenizer.train_config import TokenizerTrainConfig  # noqa: E402
 from training import cli  # noqa: E402
 from training.config import load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "scripts" / "train_tokenizer.py"
 ESTIMATORS = ("ste", "rotation")
 METRICS = ("psnr", "ssim", "codebook_usage", "perplexity")
 
@@ -58,24 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_one(args: argparse.Namespace, estimator: str, seed: int) -> dict[str, float]:
     """Train one run in a fresh process; returns its eval.json plus the wall time."""
     out = args.output_dir / (estimator if args.seeds == [0] else f"seed{seed}/{estimator}")
-    overrides = [
-        *args.overrides,
-        f"model.quantizer.estimator={estimator}",
-        f"runtime.seed={seed}",
-        "runtime.progress=false",
-    ]
+    overrides = [*args.overrides, f"model.quantizer.estimator={estimator}", f"runtime.seed={seed}"]
     if args.steps is not None:
         overrides.append(f"runtime.max_steps={args.steps}")
-    cmd = [sys.executable, str(TRAIN), "--config", str(args.config), "--output-dir", str(out),
-           "--overwrite"]  # fmt: skip
-    start = time.perf_counter()
-    subprocess.run([*cmd, *overrides], cwd=ROOT, check=True)
-    seconds = time.perf_counter() - start
-    results = json.loads((out / "eval.json").read_text())
-    return {
-        **{k: results[k] for k in (*METRICS, "codebook_size", "images", "step")},
-        "seconds": seconds,
-    }
+    results = train_run(args.config, out, overrides)
+    return {k: results[k] for k in (*METRICS, "codebook_size", "images", "step", "seconds")}
 
 
 def difference(runs: dict[str, dict[str, float]]) -> dict[str, float]:

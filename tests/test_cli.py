@@ -37,6 +37,7 @@ BAD = {
     "demo": ["--output-dir", "{tmp}/d", "seed=many"],
     "compare_estimators": ["--output-dir", "{tmp}/c", "runtime.max_stepz=3"],
     "demo_seeds": ["--output-dir", "{tmp}/d", "--seeds", "0"],
+    "tokenizer_seeds": ["--configs", "{tmp}/none.yaml", "--output-dir", "{tmp}/s"],
 }
 
 

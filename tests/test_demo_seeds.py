@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
 import pytest
 
-from scripts import compare_estimators, demo_seeds
+from scripts import compare_estimators, demo_seeds, tokenizer_seeds
+from training.config import ConfigError
 
 
 def metrics(psnr: float, acc2: float, fr2: float, *, shapes: bool = False) -> dict:
@@ -81,3 +83,48 @@ def test_estimator_comparison_pairs_runs_of_one_seed():
 def test_estimator_comparison_refuses_a_seed_override():
     with pytest.raises(SystemExit):
         compare_estimators.parse_args(["runtime.seed=3"])
+
+
+def fake_trainer(monkeypatch: pytest.MonkeyPatch, psnr_of_seed: dict[int, float]) -> list[list]:
+    """subprocess.run stand-in that writes the eval.json a training run would; returns calls."""
+    calls: list[list] = []
+
+    def run(cmd: list[str], **_: object) -> None:
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--output-dir") + 1])
+        seed = int(next(a for a in cmd if a.startswith("runtime.seed=")).split("=")[1])
+        out.mkdir(parents=True, exist_ok=True)
+        scores = {"psnr": psnr_of_seed[seed], "ssim": 0.9, "codebook_usage": 1.0,
+                  "perplexity": 50.0, "codebook_size": 128, "images": 10, "step": 4}  # fmt: skip
+        (out / "eval.json").write_text(json.dumps(scores))
+
+    monkeypatch.setattr(tokenizer_seeds.subprocess, "run", run)
+    return calls
+
+
+def test_tokenizer_seeds_tables_each_config_and_reuses_finished_runs(tmp_path, monkeypatch):
+    calls = fake_trainer(monkeypatch, {0: 20.0, 1: 21.0, 2: 23.0})
+    argv = ["--configs", "configs/tokenizer/digits.yaml", "--seeds", "0", "1", "2",
+            "--output-dir", str(tmp_path), "runtime.max_steps=4"]  # fmt: skip
+    report = tokenizer_seeds.main(argv)
+    psnr = report["configs"]["digits"]["summary"]["psnr"]
+    assert psnr["mean"] == pytest.approx(64 / 3) and (psnr["min"], psnr["max"]) == (20.0, 23.0)
+    assert psnr["std"] == pytest.approx(statistics.stdev([20.0, 21.0, 23.0]))
+    assert len(calls) == 3 and all("runtime.max_steps=4" in c for c in calls)
+    assert json.loads((tmp_path / "seeds.json").read_text())["seeds"] == [0, 1, 2]
+    tokenizer_seeds.main(argv)  # the same command again: nothing retrains
+    assert len(calls) == 3
+    tokenizer_seeds.main([*argv[:-1], "runtime.max_steps=5"])  # another command: all retrain
+    assert len(calls) == 6
+
+
+def test_tokenizer_seeds_refuses_bad_arguments(tmp_path):
+    base = ["--configs", "configs/tokenizer/digits.yaml", "--output-dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="two different seeds"):
+        tokenizer_seeds.parse_args([*base, "--seeds", "1"])
+    with pytest.raises(ValueError, match="runtime.seed"):
+        tokenizer_seeds.parse_args([*base, "runtime.seed=3"])
+    with pytest.raises(ValueError, match="different file names"):
+        tokenizer_seeds.parse_args(["--configs", "a/digits.yaml", "b/digits.yaml"])
+    with pytest.raises(ConfigError, match="no_such_key"):
+        tokenizer_seeds.main([*base, "no_such_key.x=1"])

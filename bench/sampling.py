@@ -57,7 +57,9 @@ from sampling import (  # noqa: E402
     generate_maskgit,
     generate_speculative,
 )
+from sampling.engine import engine_for  # noqa: E402
 from sampling.generate import DecodeOptions, generate_codes  # noqa: E402
+from sampling.row_settings import RowSettings  # noqa: E402
 
 RANDOM_NOTE = (
     "random weights: the untrained target and draft are both close to uniform, so the draft "
@@ -276,6 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--threads", type=int, default=1, help="CPU threads (0 = torch default); 1 is steadiest")
     a("--seed", type=int, default=0)
     a("--out", default=None, help="also write the JSON here")
+    a("--call-costs-only", action="store_true",
+      help="only time a speculative round's calls in target steps (batch 1) and print that")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.grid, args.repeats = 8, 1
@@ -396,6 +400,41 @@ def batch_invariant(models: Models, args, device: torch.device) -> bool:
     return True
 
 
+def call_costs(models: Models, args, device: torch.device, calls: int = 20) -> dict[str, Any]:
+    """A speculative round's price in target steps (batch 1, guidance --cfg, the engine every
+    method runs on): one target pass over draft_len + 1 tokens and draft_len one-token draft
+    calls. Returns the tokens a round must yield for 1.5x over AR with this draft, and with a
+    free one; a round yields at most draft_len + 1 (every draft accepted plus the bonus)."""
+    g, n = args.draft_len, models.target.config.seq_len
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k)
+    settings = RowSettings.build(1, n, sampling, GuidanceSchedule(args.cfg), device)
+    one = torch.ones(1, dtype=torch.long, device=device)
+    fns: dict[str, Callable[[], Any]] = {}
+    parts = (("target_verify", models.target, g + 1), ("draft_call", models.draft, 1))
+    for name, model, width in parts:
+        engine = engine_for(model, rows=1, num_tokens=n, guided=settings.guided,
+                            filtered=settings.filtered, compile=args.compile,
+                            compile_mode=args.compile_mode)  # fmt: skip
+        cond, uncond, _ = conditions(model, 1)
+        engine.admit(None, cond, uncond, settings, RowNoise.from_seeds([args.seed], device=device))
+        engine.warm_up((width,))
+        fed = torch.zeros(1, width, dtype=torch.long, device=device)
+        fns[name] = lambda e=engine, f=fed: [e.distributions(f, one) for _ in range(calls)]
+        if name == "target_verify":
+            fns["target_step"] = lambda e=engine: [e.step(one, one) for _ in range(calls)]
+    timings = interleaved(fns, args.repeats, args.warmup, device)
+    step = timings["target_step"].median  # all three in target steps from here on
+    verify, draft = timings["target_verify"].median / step, timings["draft_call"].median / step
+    return {
+        "batch": 1, "guidance": args.cfg, "draft_len": g, "compiled": args.compile,
+        "verify_over_step": round(verify, 3),
+        "draft_call_over_target_step": round(draft, 3),
+        "tokens_per_round_for_1.5x_free_draft": round(1.5 * verify, 2),
+        "tokens_per_round_for_1.5x_this_draft": round(1.5 * (verify + g * draft), 2),
+        "tokens_per_round_at_most": g + 1,
+    }  # fmt: skip
+
+
 def describe(model: torch.nn.Module) -> dict[str, Any]:
     cfg = model.config
     return {
@@ -417,6 +456,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours_models += [models.hf_target_src, models.hf_draft_src]
     for m in ours_models:
         m.to(device)
+    if args.call_costs_only:
+        costs = {"device": device_name(device), "weights": models.weights}
+        costs |= call_costs(models, args, device)
+        print(json.dumps(costs))
+        return costs
     models.relaxed.table = models.relaxed.table.to(device)
     hf = export(models, args, device)
     checks = sanity(models, hf, args, device)  # in fp32, before any cast
@@ -448,6 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         hf_big, hf_one = run(*src, big, 1.0, ar_hf), run(*src, 1, 1.0, one_hf)
     ar_vs, assisted = transformers_sections(hf_big, hf_one, models, args, n)
     speculative, maskgit = ours_sections(groups, args, n)
+    costs = call_costs(models, args, device)
     cfg = models.target.config
     report = {
         "benchmark": "sampling",
@@ -468,6 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speculative": speculative,
         "vs_transformers_assisted": assisted,
         "maskgit_vs_ar": maskgit,
+        "call_costs": costs,
         "ratios": "speedup = baseline median time / candidate median time (> 1: candidate faster)",
         "note": " ".join(models.notes + ([RANDOM_NOTE] if models.weights == "random" else [])),
         "elapsed_s": round(time.perf_counter() - begin, 1),
@@ -483,6 +529,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"best_lossless_vs_ar_b{big}": best_b,
         "best_lossless_method": method_1 if method_1 == method_b else f"{method_1} / {method_b}",
         f"maskgit_vs_ar_b{mb}": maskgit["maskgit_speedup_vs_ar"],
+        "tokens_per_round_for_1.5x_free_draft": costs["tokens_per_round_for_1.5x_free_draft"],
         "batch_invariant": batch_invariant(models, args, device)
         if dtype == torch.float32
         else None,

@@ -25,7 +25,6 @@ import argparse  # noqa: E402
 import base64  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import threading  # noqa: E402
@@ -40,6 +39,7 @@ from PIL import Image  # noqa: E402
 from bench.common import device_name  # noqa: E402
 from sampling import Pipeline  # noqa: E402
 from serving import Scheduler, create_app  # noqa: E402
+from serving.browser import chromium, generate_on_page, headless_chromium  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -102,30 +102,13 @@ def run(url: str, clients: int, bodies: list[list[dict]]) -> dict:
 
 def screenshot(url: str, path: str, *, prompt: str, n: int, guidance: float) -> None:
     """Generate from the page in Debian's headless Chromium (selenium) and save a screenshot."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not (browser and driver_path):
+    if chromium() is None:
         raise SystemExit("--screenshot needs chromium and chromium-driver (make browser)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,760"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = headless_chromium(window=(1000, 760))
     try:
-        driver.get(url + "/")
-        wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prompt option"))
-        Select(driver.find_element(By.ID, "prompt")).select_by_visible_text(prompt)
-        for field, value in (("n", n), ("guidance", guidance)):
-            driver.find_element(By.ID, field).clear()
-            driver.find_element(By.ID, field).send_keys(str(value))
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#images img")) == n)
+        generate_on_page(
+            driver, url, prompt=prompt, images=n, fields={"n": n, "guidance": guidance}
+        )
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(path)
     finally:

@@ -96,7 +96,7 @@ def create_app(scheduler: Scheduler) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok" if scheduler._admitting else "stopping",
+        return {"status": "ok" if scheduler.admitting else "stopping",
                 "uptime_s": round(time.time() - started, 1)}  # fmt: skip
 
     @app.get("/v1/models")

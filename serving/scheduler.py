@@ -160,6 +160,11 @@ class Scheduler:
         return self
 
     @property
+    def admitting(self) -> bool:
+        """False once stop() began: new requests are refused (what /health reports)."""
+        return self._admitting
+
+    @property
     def queued_rows(self) -> int:
         return len(self.queue) + sum(len(j.prompts) for j in self.whole)
 

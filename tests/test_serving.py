@@ -3,7 +3,6 @@ and the page in a real (headless Chromium) browser."""
 
 import base64
 import io
-import shutil
 import socket
 import threading
 import time
@@ -19,6 +18,7 @@ from test_pipeline import tiny_prior, tiny_tokenizer
 
 from sampling import Pipeline
 from serving import Scheduler, create_app
+from serving.browser import chromium, generate_on_page, headless_chromium
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,35 +221,16 @@ def test_shutdown_finishes_rows_in_flight_and_refuses_new_work(pipe):
     s.close()
 
 
-def chromium() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(chromium() is None, reason="Debian chromium + chromium-driver not installed "
                     "(make test installs them with apt-get where it can)")  # fmt: skip
 def test_the_page_in_a_real_browser(server):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import WebDriverWait
 
-    browser, driver_path = chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=900,700"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = headless_chromium()
     try:
-        driver.get(server.url + "/")
-        wait = WebDriverWait(driver, 30)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prompt option"))
-        Select(driver.find_element(By.ID, "prompt")).select_by_visible_text("two")
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#images img")) == 4)
-        for img in driver.find_elements(By.CSS_SELECTOR, "#images img"):
+        for img in generate_on_page(driver, server.url, prompt="two", images=4, timeout_s=30):
             src = img.get_attribute("src")
             assert src.startswith("data:image/png;base64,")
             pixels(src.split(",", 1)[1])
@@ -262,7 +243,7 @@ def test_the_page_in_a_real_browser(server):
         driver.find_element(By.ID, "n").clear()
         driver.find_element(By.ID, "n").send_keys("40")
         driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: "error" in d.find_element(By.ID, "status").text)
+        WebDriverWait(driver, 30).until(lambda d: "error" in d.find_element(By.ID, "status").text)
     finally:
         driver.quit()
 

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # so no second torch with several GB of CUDA packages is ever pulled.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup browser test test-fast lint demo demo-text demo-seeds compare-estimators tokenizer-seeds serve bench bench-gpu clean
+.PHONY: setup browser test test-fast lint demo demo-text demo-seeds demo-text-seeds compare-estimators tokenizer-seeds serve bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ demo-text: setup
 demo-seeds: setup  # the README's digits table: `make demo` for seeds 0 1 2, mean ± std (~25 min)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/demo_seeds.py --config configs/demo/digits.yaml \
 		--output-dir outputs/demo --seeds 0 1 2 --out bench/results/demo_seeds_digits.json
+
+demo-text-seeds: setup  # the README's shapes table: `make demo-text` for seeds 0 1 2 (one core each: ~80 min)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/demo_seeds.py --config configs/demo/shapes.yaml \
+		--output-dir outputs/demo-text --seeds 0 1 2 --out bench/results/demo_seeds_shapes.json
 
 compare-estimators: setup  # rotation trick vs straight-through, 3 seeds each (~8 min)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/compare_estimators.py --config configs/tokenizer/digits.yaml \

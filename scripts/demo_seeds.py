@@ -8,7 +8,8 @@ seeds all follow it) into OUTPUT_DIR for seed 0 (what `make demo` leaves) and OU
 otherwise, so a finished `make demo` is reused. Then it reads each run's metrics.json and writes
 mean, sample standard deviation, min and max of every score (tokenizer PSNR/SSIM/usage, judge
 accuracy, class accuracy, Fréchet distance and its ratio to the real-vs-real floor, shapes'
-prompt checks, stage times) to --out as JSON, and prints a markdown table.
+prompt checks, stage times) to --out as JSON, and prints a markdown table. With --collect-only
+it runs nothing and tables runs made apart (`scripts/demo.py ... seed=s` per core, say).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=None, help="JSON (default: OUTPUT_DIR-seeds.json)")
+    p.add_argument("--collect-only", action="store_true",
+                   help="run nothing: table the seeds' finished metrics.json (runs made apart, "
+                        "e.g. one seed per core or machine)")  # fmt: skip
     args = p.parse_args(argv)
     if len(set(args.seeds)) < 2:
         raise ValueError(
@@ -104,8 +108,14 @@ def main(argv: list[str] | None = None) -> dict:
         out = run_dir(base, seed)
         cmd = [sys.executable, "scripts/demo.py", "--config", str(args.config), "--output-dir",
                str(out), f"seed={seed}"]  # fmt: skip
-        print("$ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        if not args.collect_only:
+            print("$ " + " ".join(cmd), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True)
+        elif not (out / "metrics.json").is_file():
+            raise FileNotFoundError(
+                f"--collect-only: seed {seed} has no {out / 'metrics.json'}; run "
+                f"`{' '.join(cmd[1:])}` first"
+            )
         runs.append(scores(json.loads((out / "metrics.json").read_text())))
     summary = spread(runs)
     report = {"config": str(args.config), "seeds": args.seeds, "summary": summary, "runs": runs}

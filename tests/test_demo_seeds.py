@@ -128,3 +128,18 @@ def test_tokenizer_seeds_refuses_bad_arguments(tmp_path):
         tokenizer_seeds.parse_args(["--configs", "a/digits.yaml", "b/digits.yaml"])
     with pytest.raises(ConfigError, match="no_such_key"):
         tokenizer_seeds.main([*base, "no_such_key.x=1"])
+
+
+def test_collect_only_tables_finished_runs_and_names_a_missing_one(tmp_path):
+    base = tmp_path / "demo"
+    for seed, psnr in ((0, 24.0), (1, 26.0)):
+        folder = demo_seeds.run_dir(base, seed)
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps(metrics(psnr, 0.99, 0.6)))
+    out = tmp_path / "table.json"
+    argv = ["--output-dir", str(base), "--seeds", "0", "1", "--out", str(out), "--collect-only"]
+    report = demo_seeds.main(argv)
+    assert report["summary"]["tokenizer_psnr"]["mean"] == 25.0
+    assert json.loads(out.read_text())["seeds"] == [0, 1]
+    with pytest.raises(FileNotFoundError, match="seed 2 has no .*demo-seed2/metrics.json"):
+        demo_seeds.main([*argv[:3], "1", "2", *argv[5:]])

@@ -44,7 +44,7 @@ demo-seeds: setup  # the README's digits table: `make demo` for seeds 0 1 2, mea
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/demo_seeds.py --config configs/demo/digits.yaml \
 		--output-dir outputs/demo --seeds 0 1 2 --out bench/results/demo_seeds_digits.json
 
-demo-text-seeds: setup  # the README's shapes table: `make demo-text` for seeds 0 1 2 (one core each: ~80 min)
+demo-text-seeds: setup  # the README's shapes table: `make demo-text` for seeds 0 1 2 (~75 min a seed on one core)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/demo_seeds.py --config configs/demo/shapes.yaml \
 		--output-dir outputs/demo-text --seeds 0 1 2 --out bench/results/demo_seeds_shapes.json
 

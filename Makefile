@@ -52,7 +52,7 @@ compare-estimators: setup  # rotation trick vs straight-through, 3 seeds each (~
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/compare_estimators.py --config configs/tokenizer/digits.yaml \
 		--seeds 0 1 2 --output-dir outputs/compare_estimators_digits
 
-tokenizer-seeds: setup  # the README's other tokenizer figures: 3 configs x seeds 0 1 2 (~30 min)
+tokenizer-seeds: setup  # the README's other tokenizer figures: 3 configs x seeds 0 1 2 (~50 min)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/tokenizer_seeds.py --configs configs/tokenizer/digits_fsq.yaml \
 		configs/tokenizer/digits_rq.yaml configs/tokenizer/photos.yaml --seeds 0 1 2 \
 		--out bench/results/tokenizer_seeds.json

@@ -6,8 +6,8 @@
 
 Each (config, seed) is a fresh `scripts/train_tokenizer.py` process with `runtime.seed=seed`
 into OUTPUT_DIR/<config name>/seed<s>; its eval.json (the held-out scores the trainer writes
-at the end) is read back. A finished run (eval.json at the config's last step, made by the same
-command) is reused, so an interrupted table resumes. Writes the per-seed scores and mean,
+at the end) is read back. A finished run made by the same command and config text is reused,
+so an interrupted table resumes. Writes the per-seed scores and mean,
 sample std, min and max per config to --out and prints one markdown table per config. The
 README's single-config tokenizer figures come from this (`make tokenizer-seeds`).
 """
@@ -15,6 +15,7 @@ README's single-config tokenizer figures come from this (`make tokenizer-seeds`)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from training.serialization import atomic_write_text  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train_tokenizer.py"
 METRICS = ("psnr", "ssim", "codebook_usage", "perplexity")
-COMMAND = "command.json"  # beside eval.json: the command line that made the run
+COMMAND = "command.json"  # beside eval.json: the command line and config text that made the run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,13 +60,14 @@ def train_run(config: Path, out: Path, overrides: list[str]) -> dict[str, float]
     cmd = [sys.executable, str(TRAIN), "--config", str(config), "--output-dir", str(out),
            "--overwrite", *overrides, "runtime.progress=false"]  # fmt: skip
     made_by, scores = out / COMMAND, out / "eval.json"
-    if scores.is_file() and made_by.is_file() and json.loads(made_by.read_text()) == cmd[1:]:
+    key = {"cmd": cmd[1:], "config_sha256": hashlib.sha256(Path(config).read_bytes()).hexdigest()}
+    if scores.is_file() and made_by.is_file() and json.loads(made_by.read_text()) == key:
         return json.loads(scores.read_text()) | json.loads((out / "seconds.json").read_text())
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
     seconds = {"seconds": round(time.perf_counter() - start, 1)}
     atomic_write_text(out / "seconds.json", json.dumps(seconds) + "\n")
-    atomic_write_text(made_by, json.dumps(cmd[1:]) + "\n")  # last: marks the run finished
+    atomic_write_text(made_by, json.dumps(key) + "\n")  # last: marks the run finished
     return json.loads(scores.read_text()) | seconds
 
 

@@ -11,6 +11,8 @@ import pytest
 from scripts import compare_estimators, demo_seeds, tokenizer_seeds
 from training.config import ConfigError
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def metrics(psnr: float, acc2: float, fr2: float, *, shapes: bool = False) -> dict:
     run = {"guidance_scale": 2.0, "frechet": fr2, "accuracy": {"overall": acc2}}
@@ -104,8 +106,10 @@ def fake_trainer(monkeypatch: pytest.MonkeyPatch, psnr_of_seed: dict[int, float]
 
 def test_tokenizer_seeds_tables_each_config_and_reuses_finished_runs(tmp_path, monkeypatch):
     calls = fake_trainer(monkeypatch, {0: 20.0, 1: 21.0, 2: 23.0})
-    argv = ["--configs", "configs/tokenizer/digits.yaml", "--seeds", "0", "1", "2",
-            "--output-dir", str(tmp_path), "runtime.max_steps=4"]  # fmt: skip
+    config = tmp_path / "digits.yaml"
+    config.write_text((ROOT / "configs" / "tokenizer" / "digits.yaml").read_text())
+    argv = ["--configs", str(config), "--seeds", "0", "1", "2", "--output-dir", str(tmp_path),
+            "runtime.max_steps=4"]  # fmt: skip
     report = tokenizer_seeds.main(argv)
     psnr = report["configs"]["digits"]["summary"]["psnr"]
     assert psnr["mean"] == pytest.approx(64 / 3) and (psnr["min"], psnr["max"]) == (20.0, 23.0)
@@ -116,6 +120,9 @@ def test_tokenizer_seeds_tables_each_config_and_reuses_finished_runs(tmp_path, m
     assert len(calls) == 3
     tokenizer_seeds.main([*argv[:-1], "runtime.max_steps=5"])  # another command: all retrain
     assert len(calls) == 6
+    config.write_text(config.read_text() + "# edited\n")  # another config text: all retrain
+    tokenizer_seeds.main([*argv[:-1], "runtime.max_steps=5"])
+    assert len(calls) == 9
 
 
 def test_tokenizer_seeds_refuses_bad_arguments(tmp_path):

@@ -195,11 +195,13 @@ class Scheduler:
             self._cv.notify()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop admitting; let rows in flight finish; fail queued jobs; end the thread."""
+        """Stop admitting; let started jobs finish (all their rows); fail the others; end the
+        thread. "Started" is job.started, not "has a slot now": between two rows of a job its
+        slot is briefly free, and a job caught there must not fail half done."""
         with self._cv:
             self._admitting = False
             for job in {job for job, _ in self.queue} | set(self.whole):
-                if not job.done and not any(s and s.job is job for s in self.slots):
+                if not job.done and job.started == 0:
                     self._fail(job, ShuttingDown("the server shut down before this request ran"))
             self.queue = deque((j, i) for j, i in self.queue if not j.done)
             self.whole.clear()

@@ -221,6 +221,28 @@ def test_shutdown_finishes_rows_in_flight_and_refuses_new_work(pipe):
     s.close()
 
 
+def test_a_started_job_between_two_rows_is_not_failed_by_shutdown(pipe):
+    """Between two rows of a job its slot is free for a moment; stop() caught there must keep
+    the job (it has started) and fail only jobs that never started."""
+    from sampling import GuidanceSchedule, SamplingConfig
+    from serving.scheduler import Job
+
+    def job() -> Job:
+        return Job(prompts=["one", "one"], seed=0, sampling=SamplingConfig(),
+                   guidance=GuidanceSchedule(1.0), method="ar", deadline=time.monotonic() + 60)  # fmt: skip
+
+    scheduler = Scheduler(pipe, max_rows=1, max_queue=8)  # not started: the state is ours
+    started, waiting = job(), job()
+    scheduler.submit(started)
+    scheduler.submit(waiting)
+    scheduler.queue.popleft()  # started's row 0 ran and finished; its slot is free again
+    started.started = 1
+    scheduler.stop()
+    assert started.error is None and not started.done
+    assert [j for j, _ in scheduler.queue] == [started]  # its row 1 still runs
+    assert isinstance(waiting.error, Exception) and "shut down" in str(waiting.error)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(chromium() is None, reason="Debian chromium + chromium-driver not installed "
                     "(make test installs them with apt-get where it can)")  # fmt: skip

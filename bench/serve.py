@@ -39,7 +39,7 @@ from PIL import Image  # noqa: E402
 from bench.common import device_name  # noqa: E402
 from sampling import Pipeline  # noqa: E402
 from serving import Scheduler, create_app  # noqa: E402
-from serving.browser import chromium, generate_on_page, headless_chromium  # noqa: E402
+from serving.browser import generate_on_page, headless_chromium  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -102,9 +102,10 @@ def run(url: str, clients: int, bodies: list[list[dict]]) -> dict:
 
 def screenshot(url: str, path: str, *, prompt: str, n: int, guidance: float) -> None:
     """Generate from the page in Debian's headless Chromium (selenium) and save a screenshot."""
-    if chromium() is None:
-        raise SystemExit("--screenshot needs chromium and chromium-driver (make browser)")
-    driver = headless_chromium(window=(1000, 760))
+    try:
+        driver = headless_chromium(window=(1000, 760))
+    except FileNotFoundError:
+        raise SystemExit("--screenshot needs chromium and chromium-driver (make browser)") from None
     try:
         generate_on_page(
             driver, url, prompt=prompt, images=n, fields={"n": n, "guidance": guidance}

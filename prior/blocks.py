@@ -169,17 +169,26 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def setup_caches(
-        self, batch_size: int, max_slots: int, dtype: torch.dtype, device: torch.device
+        self,
+        batch_size: int,
+        max_slots: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        scratch: int = 0,
     ) -> None:
-        """(Re)allocate one KVCache per layer for `max_slots` slots."""
+        """(Re)allocate one KVCache per layer for `max_slots` slots, plus `scratch` slots past
+        them where a tree of candidate tokens is scored (`decode_tree`) before `move_slots`
+        puts the accepted ones in place."""
         if max_slots > self.max_slots:
             raise ValueError(f"max_slots {max_slots} exceeds the rope table ({self.max_slots})")
+        if scratch < 0:
+            raise ValueError(f"scratch must be >= 0, got {scratch}")
         for layer in self.layers:
             attn = layer.attention
             attn.kv_cache = KVCache(
-                batch_size, max_slots, attn.n_heads, attn.head_dim, dtype, device
+                batch_size, max_slots + scratch, attn.n_heads, attn.head_dim, dtype, device
             )
-        self.cache_slots = max_slots
+        self.cache_slots = max_slots + scratch
         self.cache_key_valid = None
 
     def prefill(self, x: Tensor, key_valid: Tensor | None, rows: Tensor | None = None) -> Tensor:
@@ -223,15 +232,55 @@ class Transformer(nn.Module):
             mask = prefix_key_mask(self.cache_key_valid, slots, self.cache_slots)
         return self.forward_cached(x, start, mask=mask)
 
+    def decode_tree(self, x: Tensor, start: Tensor, depths: Tensor, ancestors: Tensor) -> Tensor:
+        """A tree of T tokens x [B, T, dim] (node 0 = the root, in slot start[b]; node i in
+        slot start[b] + i, at sequence position start[b] + depths[i]) -> [B, T, dim].
+
+        depths Long[T] (0 for the root), ancestors Bool[T, T]: [i, j] = node j is node i or on
+        its path to the root (nodes are numbered parents first). Node i attends to the slots
+        before the root and to its ancestors, so each node's output is that of the sequence
+        ending in its path."""
+        if self.cache_slots == 0:
+            raise ValueError("call setup_caches() and prefill() before decode_tree()")
+        t = x.shape[1]
+        slots = torch.arange(self.cache_slots, device=x.device)  # [S]
+        offset = slots[None, :] - start[:, None]  # [B, S] slot relative to the root
+        in_tree = ancestors[:, offset.clamp(0, t - 1)]  # [T, B, S]
+        visible = (offset < 0)[:, None, :] | (in_tree.transpose(0, 1) & (offset < t)[:, None])
+        mask = visible[:, None]  # [B, 1, T, S]
+        if self.cache_key_valid is not None:
+            nodes = start[:, None] + torch.arange(t, device=x.device)  # [B, T]
+            mask = mask & prefix_key_mask(self.cache_key_valid, nodes, self.cache_slots)
+        rope = (start[:, None] + depths[None, :]).clamp(max=self.max_slots - 1)  # [B, T]
+        return self.forward_cached(x, start, mask=mask, rope_slots=rope)
+
+    def move_slots(self, source: Tensor, target: Tensor) -> None:
+        """Copy cached keys/values of slots source Long[B, D] to slots target Long[B, D], row by
+        row, in every layer (all sources are read before any target is written)."""
+        rows = torch.arange(source.shape[0], device=source.device)[:, None]  # [B, 1]
+        for layer in self.layers:
+            cache = layer.attention.kv_cache
+            for buffer in (cache.k, cache.v):
+                buffer[rows, target] = buffer[rows, source]
+
     def forward_cached(
-        self, x: Tensor, start: Tensor, *, mask: Tensor | None = None, rows: Tensor | None = None
+        self,
+        x: Tensor,
+        start: Tensor,
+        *,
+        mask: Tensor | None = None,
+        rows: Tensor | None = None,
+        rope_slots: Tensor | None = None,
     ) -> Tensor:
         """x [B, T, dim] for slots start[b] .. start[b] + T - 1 (causal) -> [B, T, dim].
 
         Writes the new keys/values into the caches (of cache rows `rows`, default 0..B-1);
-        mask [B, 1, T, S] over cache slots.
+        mask [B, 1, T, S] over cache slots. rope_slots Long[B, T]: the rope rows of the tokens
+        when they are not their cache slots (a tree's nodes).
         """
         slots = start[:, None] + torch.arange(x.shape[1], device=x.device)  # [B, T]
+        if rope_slots is not None:
+            slots = rope_slots
         cos, sin = self.rope_cos[slots], self.rope_sin[slots]  # [B, T, hd]
         for layer in self.layers:
             x = layer(x, cos, sin, True, mask, start, rows)
@@ -364,15 +413,24 @@ class PriorMixin:
 class CachedPriorMixin(PriorMixin):
     """KV-cached sampling over the main trunk, shared by the causal priors (GPT, RQTransformer)."""
 
-    def setup_caches(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate static KV caches for `max_len` image positions (the prefix is added here)."""
+    def setup_caches(
+        self,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        *,
+        scratch: int = 0,
+    ) -> None:
+        """Allocate static KV caches for `max_len` image positions (the prefix is added here)
+        and `scratch` slots for the nodes of a candidate tree (`Transformer.decode_tree`)."""
         if not 1 <= max_len <= self.config.seq_len:
             raise ValueError(f"max_len {max_len} must be in [1, {self.config.seq_len}]")
         param = self.tok_embeddings.weight
         self._engine_owner = None  # new caches: no decode engine's any more
         self.transformer.setup_caches(
-            batch_size, self.config.prefix_len + max_len, dtype or cache_dtype(param), param.device
-        )
+            batch_size, self.config.prefix_len + max_len, dtype or cache_dtype(param),
+            param.device, scratch,
+        )  # fmt: skip
 
     def cache_state(self) -> tuple:
         """The caches (and prefix mask) in use: see `Transformer.cache_state`."""

@@ -65,6 +65,22 @@ class GPT(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin, CachedPriorMi
         h = self.transformer.decode(x, positions.long() + self.config.prefix_len)
         return self.output(h).float()
 
+    def decode_tree(
+        self, tokens: Tensor, position: Tensor, depths: Tensor, ancestors: Tensor
+    ) -> Tensor:
+        """A candidate tree tokens Long [B, T] whose root (node 0) sits at image position
+        position[b] and node i at position[b] + depths[i] -> fp32 logits [B, T, V], each
+        predicting the token after its node's path (see `Transformer.decode_tree`). The nodes'
+        keys/values go to cache slots position + i; `move_positions` keeps the accepted path."""
+        x = self.tok_embeddings(tokens)  # [B, T, dim]
+        start = position.long() + self.config.prefix_len
+        return self.output(self.transformer.decode_tree(x, start, depths, ancestors)).float()
+
+    def move_positions(self, source: Tensor, target: Tensor) -> None:
+        """Move cached entries of image positions source Long[B, D] to target Long[B, D]."""
+        p = self.config.prefix_len
+        self.transformer.move_slots(source + p, target + p)
+
     # ---- accounting ------------------------------------------------------------------------
 
     def flops_per_token(self, training: bool = True) -> float:

@@ -12,6 +12,8 @@ from sampling.relaxed import RelaxedAcceptance, neighbours
 from sampling.row_settings import RowSettings
 from sampling.speculative import generate_speculative, verify
 from sampling.stats import SpeculativeStats
+from sampling.tree import TreeShape, generate_tree
+from sampling.tree_draft import DistillConfig, TreeDraft, distill_tree_draft
 
 __all__ = [
     "Pipeline",
@@ -24,6 +26,11 @@ __all__ = [
     "RowSettings",
     "SamplingConfig",
     "SpeculativeStats",
+    "DistillConfig",
+    "TreeDraft",
+    "TreeShape",
+    "distill_tree_draft",
+    "generate_tree",
     "generate_ar",
     "generate_jacobi",
     "generate_maskgit",

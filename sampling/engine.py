@@ -84,6 +84,7 @@ class DecodeEngine:
         filtered: bool = True,
         compile: bool | str = "auto",
         compile_mode: str = "default",
+        scratch: int = 0,
     ) -> None:
         self.model = model
         self.rows, self.num_tokens = rows, num_tokens
@@ -92,7 +93,11 @@ class DecodeEngine:
         self.compiled = wants_compile(compile, self.device)
         self.compile_mode = compile_mode
         self.calls = 0  # model forwards (prefills included)
-        model.setup_caches(rows * (2 if guided else 1), num_tokens)
+        cache_rows = rows * (2 if guided else 1)
+        if scratch:  # slots for a candidate tree's nodes (sampling/tree.py)
+            model.setup_caches(cache_rows, num_tokens, scratch=scratch)
+        else:
+            model.setup_caches(cache_rows, num_tokens)
         self._caches = model.cache_state()
         self.settings = RowSettings.build(
             rows, num_tokens, SamplingConfig(), GuidanceSchedule(), self.device
@@ -159,7 +164,10 @@ class DecodeEngine:
         u = uniform(self.keys, positions + 1, DRAW, probs.shape[-1])
         return race(probs, u)
 
-    def _run(self, name: str, fn: Callable, *args: Tensor) -> Tensor:
+    def run(self, name: str, fn: Callable, *args: Tensor) -> Tensor:
+        """fn(*args) on this engine's caches, compiled (once per `name` and argument shapes)
+        when the engine compiles: a decoding method's whole round as one graph. The first fn
+        given a name is the one compiled, so a name must stand for one computation."""
         self._attach()
         self.calls += 1
         if not self.compiled:
@@ -180,12 +188,12 @@ class DecodeEngine:
     def distributions(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Feed tokens Long[R, T] at positions Long[R] (+t); distributions [R, T, V] of the
         tokens at positions + 1 + t. Rolling back = feeding at an earlier position."""
-        return self._run("distributions", self._distributions, tokens, positions)
+        return self.run("distributions", self._distributions, tokens, positions)
 
     def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """One AR step for every slot: tokens Long[R] at positions Long[R] -> the token each row
         draws for position + 1, Long[R]."""
-        return self._run("step", self._step, tokens, positions)
+        return self.run("step", self._step, tokens, positions)
 
     def warm_up(self, lengths: tuple[int, ...] = ()) -> None:
         """Compile the AR step (and `distributions` for these token counts) now, not mid-run."""
@@ -212,14 +220,15 @@ def engine_for(
     filtered: bool,
     compile: bool | str = "auto",
     compile_mode: str = "default",
+    scratch: int = 0,
 ) -> DecodeEngine:
     """The engine of `model` for this shape, kept per model so compiled steps are reused."""
-    key = (rows, num_tokens, guided, filtered, compile, compile_mode)
+    key = (rows, num_tokens, guided, filtered, compile, compile_mode, scratch)
     engines = _ENGINES.setdefault(model, {})
     if key not in engines:
         engines[key] = DecodeEngine(model, rows=rows, num_tokens=num_tokens, guided=guided,
                                     filtered=filtered, compile=compile,
-                                    compile_mode=compile_mode)  # fmt: skip
+                                    compile_mode=compile_mode, scratch=scratch)  # fmt: skip
     return engines[key]
 
 
@@ -242,6 +251,7 @@ class EngineBatch:
         num_tokens: int,
         compile: bool | str = False,
         compile_mode: str = "default",
+        scratch: int = 0,
     ) -> None:
         self.batch = int(cond.prefix.shape[0])
         if settings.rows != self.batch or noise.rows != self.batch:
@@ -263,13 +273,14 @@ class EngineBatch:
         rows = bucket_rows(self.batch, compiled)
         self.engine = engine_for(model, rows=rows, num_tokens=num_tokens, guided=guided,
                                  filtered=settings.filtered, compile=compile,
-                                 compile_mode=compile_mode)  # fmt: skip
+                                 compile_mode=compile_mode, scratch=scratch)  # fmt: skip
         self.guided, self.noise, self.num_tokens = guided, noise, num_tokens
         self.pad = rows - self.batch
         self._first = (cond, uncond if guided else None, settings, noise)
         self.calls = 0
 
-    def _padded(self, x: Tensor) -> Tensor:
+    def padded(self, x: Tensor) -> Tensor:
+        """Rows [B, ...] -> the engine's [R, ...] (padding repeats row 0)."""
         if not self.pad:
             return x
         return torch.cat([x, x[:1].expand((self.pad,) + x.shape[1:])])
@@ -289,11 +300,15 @@ class EngineBatch:
     def decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """tokens Long[B, T] at positions Long[B] -> distributions [B, T, V] for positions + 1.."""
         self.calls += 1
-        return self.engine.distributions(self._padded(tokens), self._padded(positions))[
-            : self.batch
-        ]
+        return self.engine.distributions(self.padded(tokens), self.padded(positions))[: self.batch]
 
     def step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """tokens Long[B] at positions Long[B] -> each row's token for position + 1, Long[B]."""
         self.calls += 1
-        return self.engine.step(self._padded(tokens), self._padded(positions))[: self.batch]
+        return self.engine.step(self.padded(tokens), self.padded(positions))[: self.batch]
+
+    def run(self, name: str, fn: Callable, *args: Tensor) -> tuple[Tensor, ...]:
+        """`DecodeEngine.run` of a round over all R slots (args already padded to R rows);
+        counts one model forward."""
+        self.calls += 1
+        return self.engine.run(name, fn, *args)

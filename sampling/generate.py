@@ -24,8 +24,9 @@ from sampling.noise import RowNoise
 from sampling.relaxed import RelaxedAcceptance
 from sampling.speculative import generate_speculative
 from sampling.stats import SpeculativeStats
+from sampling.tree import generate_tree
 
-METHODS = ("ar", "speculative", "relaxed", "jacobi", "maskgit")
+METHODS = ("ar", "speculative", "relaxed", "jacobi", "tree", "maskgit")
 # option -> (methods that read it, default)
 METHOD_OPTIONS: dict[str, tuple[tuple[str, ...], object]] = {
     "num_steps": (("maskgit",), 8),
@@ -35,8 +36,9 @@ METHOD_OPTIONS: dict[str, tuple[tuple[str, ...], object]] = {
     "relaxed_delta": (("relaxed",), 0.1),
     "jacobi_window": (("jacobi",), 8),
     "jacobi_coupling": (("jacobi",), "gumbel"),
+    "tree_size": (("tree",), 4),
 }
-MODEL_METHODS = {"gpt": ("ar", "speculative", "relaxed", "jacobi"),
+MODEL_METHODS = {"gpt": ("ar", "speculative", "relaxed", "jacobi", "tree"),
                  "rq_transformer": ("ar",), "maskgit": ("maskgit",)}  # fmt: skip
 
 
@@ -53,6 +55,7 @@ class DecodeOptions:
     relaxed_delta: float | None = None  # relaxed: probability budget borrowed from neighbours
     jacobi_window: int | None = None  # jacobi: tokens refined per iteration
     jacobi_coupling: str | None = None  # jacobi: "gumbel" (MC-SJD) or "independent" (SJD)
+    tree_size: int | None = None  # tree: candidate nodes scored per target pass
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,7 +65,7 @@ class DecodeOptions:
                 raise ValueError(
                     f"{name} applies to method {' / '.join(methods)} only, not '{self.method}'"
                 )
-        for name in ("num_steps", "draft_len", "jacobi_window"):
+        for name in ("num_steps", "draft_len", "jacobi_window", "tree_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -101,7 +104,12 @@ class Generated:
     reveal_counts: list[int] | None = None
 
 
-def check_method(model: nn.Module, method: str, draft: nn.Module | None = None) -> None:
+def check_method(
+    model: nn.Module,
+    method: str,
+    draft: nn.Module | None = None,
+    tree_draft: nn.Module | None = None,
+) -> None:
     """ValueError when `method` does not fit the prior (or needs a missing draft)."""
     kind = model.config.model_type
     if method not in MODEL_METHODS[kind]:
@@ -111,6 +119,11 @@ def check_method(model: nn.Module, method: str, draft: nn.Module | None = None) 
         )
     if method in ("speculative", "relaxed") and draft is None:
         raise ValueError(f"method '{method}' needs a draft prior (draft_dir)")
+    if method == "tree" and tree_draft is None:
+        raise ValueError(
+            "method 'tree' needs a tree draft (tree_draft_dir; make one with "
+            "scripts/distill_tree_draft.py)"
+        )
 
 
 @torch.no_grad()
@@ -128,13 +141,16 @@ def generate_codes(
     relaxed: RelaxedAcceptance | None = None,
     noise: RowNoise | None = None,
     compile: bool | str = False,
+    tree_draft: nn.Module | None = None,
+    class_ids: Tensor | None = None,
 ) -> Generated:
     """Codes for every row of `cond` with `decode.method` on `model` (draft-accelerated methods
-    need `draft` and its (cond, uncond); relaxed acceptance needs `relaxed`).
+    need `draft` and its (cond, uncond); relaxed acceptance needs `relaxed`; "tree" needs
+    `tree_draft` and, for a class-conditional prior, the rows' class_ids).
 
     noise: the rows' seeds (default: drawn from `generator`); a row's codes depend only on its
     condition, settings and noise, not on the other rows. compile: see sampling/engine.py."""
-    check_method(model, decode.method, draft)
+    check_method(model, decode.method, draft, tree_draft)
     n, method = model.config.seq_len, decode.method
     if noise is None:
         noise = RowNoise.from_generator(cond.batch_size, generator, cond.prefix.device)
@@ -156,6 +172,12 @@ def generate_codes(
         codes, stats = generate_jacobi(
             model, cond, uncond, n, decode.get("jacobi_window"), sampling, guidance,
             coupling=decode.get("jacobi_coupling"), noise=noise, compile=compile,
+        )  # fmt: skip
+        return Generated(codes, stats)
+    if method == "tree":
+        codes, stats = generate_tree(
+            model, cond, uncond, n, tree_draft, class_ids, decode.get("tree_size"), sampling,
+            guidance, noise=noise, compile=compile,
         )  # fmt: skip
         return Generated(codes, stats)
     if draft_conds is None:

@@ -23,6 +23,7 @@ from sampling.logits import SamplingConfig
 from sampling.noise import RowNoise
 from sampling.relaxed import RelaxedAcceptance
 from sampling.stats import SpeculativeStats
+from sampling.tree_draft import TreeDraft
 from tokenizer import Tokenizer
 from tokenizer.images import to_pil, to_uint8
 from tokenizer.manifest import unflatten_codes
@@ -46,9 +47,17 @@ class Pipeline:
     """A tokenizer, a prior and optionally a draft prior, checked to agree on the codes."""
 
     def __init__(
-        self, tokenizer: Tokenizer, prior: torch.nn.Module, draft: torch.nn.Module | None = None
+        self,
+        tokenizer: Tokenizer,
+        prior: torch.nn.Module,
+        draft: torch.nn.Module | None = None,
+        tree_draft: TreeDraft | None = None,
     ) -> None:
         identity = tokenizer.identity()
+        if tree_draft is not None:
+            cfg = prior.config
+            tree_draft.check_fits(vocab_size=cfg.vocab_size, num_tokens=cfg.seq_len,
+                                  num_classes=cfg.num_classes)  # fmt: skip
         check_tokenizer(prior.config.tokenizer, identity)
         if draft is not None:
             check_tokenizer(draft.config.tokenizer, identity)
@@ -59,6 +68,7 @@ class Pipeline:
         self.tokenizer = tokenizer.eval()
         self.prior = prior.eval()
         self.draft = draft.eval() if draft is not None else None
+        self.tree_draft = tree_draft.eval() if tree_draft is not None else None
         self._relaxed: dict[tuple[int, float], RelaxedAcceptance] = {}
 
     @classmethod
@@ -68,12 +78,16 @@ class Pipeline:
         prior_dir: str | Path,
         draft_dir: str | Path | None = None,
         device: str | torch.device | None = None,
+        tree_draft_dir: str | Path | None = None,
     ) -> Pipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(device)
         prior = load_prior(prior_dir).to(device)
         draft = load_prior(draft_dir).to(device) if draft_dir is not None else None
-        return cls(tokenizer, prior, draft)
+        tree_draft = None
+        if tree_draft_dir is not None:
+            tree_draft = TreeDraft.from_pretrained(tree_draft_dir).to(device)
+        return cls(tokenizer, prior, draft, tree_draft)
 
     @property
     def device(self) -> torch.device:
@@ -157,6 +171,7 @@ class Pipeline:
         relaxed_delta: float | None = None,
         jacobi_window: int | None = None,
         jacobi_coupling: str | None = None,
+        tree_size: int | None = None,
         seed: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
         compile: bool | str = False,
@@ -165,7 +180,8 @@ class Pipeline:
         """Generate `num_images_per_prompt` images per prompt (class name/id or text).
 
         Method options (num_steps: maskgit; draft_len, adaptive_draft: speculative / relaxed;
-        relaxed_k, relaxed_delta: relaxed; jacobi_window, jacobi_coupling: jacobi) default to
+        relaxed_k, relaxed_delta: relaxed; jacobi_window, jacobi_coupling: jacobi; tree_size:
+        tree, which needs the pipeline's tree_draft and gives AR's images) default to
         None = the method's default; setting one for another method is a ValueError.
 
         seed: an int s makes image i of this call sample (s, i); a list gives each image its
@@ -173,8 +189,9 @@ class Pipeline:
         (seed, index), never on the other images of the call. generator: per-image seeds are
         drawn from it instead. compile: compile the decode engine ("auto": on CUDA)."""
         decode = DecodeOptions(method, num_steps, draft_len, adaptive_draft, relaxed_k,
-                               relaxed_delta, jacobi_window, jacobi_coupling)  # fmt: skip
-        check_method(self.prior, method, self.draft)
+                               relaxed_delta, jacobi_window, jacobi_coupling,
+                               tree_size)  # fmt: skip
+        check_method(self.prior, method, self.draft, self.tree_draft)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got '{output_type}'")
         if num_images_per_prompt < 1:
@@ -192,6 +209,9 @@ class Pipeline:
             guidance_scale, guidance_schedule, guidance_stop, guidance_plausibility
         )
         cond, uncond = self.conditions(self.prior, prompts, negative)
+        class_ids = None
+        if method == "tree" and self.prior.config.cond == "class":
+            class_ids = torch.tensor([self.class_id(p) for p in prompts], device=self.device)
         draft_conds, relaxed = None, None
         if method in ("speculative", "relaxed"):
             draft_conds = self.conditions(self.draft, prompts, negative)
@@ -200,7 +220,7 @@ class Pipeline:
         out = generate_codes(
             self.prior, cond, uncond, decode=decode, sampling=sampling, guidance=guidance,
             draft=self.draft, draft_conds=draft_conds, relaxed=relaxed, noise=noise,
-            compile=compile,
+            compile=compile, tree_draft=self.tree_draft, class_ids=class_ids,
         )  # fmt: skip
         return self.output_for(out.codes, prompts, output_type, out.stats, out.reveal_counts)
 

@@ -69,6 +69,7 @@ class DemoConfig:
     guidance_scales: list[float] = field(default_factory=lambda: [1.0, 3.0])
     eval_per_class: int = 50
     draft_len: int = 4
+    tree_guidance: float = 3.0  # the guidance the tree draft is distilled for (bench/sampling.py's)
     seed: int = 0  # training (tokenizer, views, prior; draft: seed + 1) and sampling
 
 
@@ -132,6 +133,12 @@ def train_models(cfg: DemoConfig, out: Path, timings: dict[str, float]) -> None:
               f"data.tokens={tokens / 'train'}",
               f"data.val_tokens={tokens / 'test'}", f"data.tokenizer={tok_dir / 'final'}", *sub.overrides],
               timings, "".join(token_keys))  # fmt: skip
+    if cfg.prompt_mode == "class":  # method="tree"'s draft, distilled from the trained prior
+        prior_stamp = (out / "prior.stage.json").read_text()
+        stage("tree_draft", out / "tree_draft", out / "tree_draft" / "config.json",
+              ["scripts/distill_tree_draft.py", "--prior", str(out / "prior" / "final"), "--out",
+               str(out / "tree_draft"), "--guidance", str(cfg.tree_guidance), "--seed", str(cfg.seed)],
+              timings, prior_stamp)  # fmt: skip
 
 
 def sample_grids(cfg: DemoConfig, pipe: Pipeline, out: Path) -> dict[str, dict]:
@@ -179,8 +186,13 @@ def main(argv: list[str] | None = None) -> None:
     train_models(cfg, out, timings)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    tree_draft = out / "tree_draft" if (out / "tree_draft" / "config.json").is_file() else None
     pipe = Pipeline.from_pretrained(
-        out / "tokenizer" / "final", out / "prior" / "final", out / "draft" / "final", device=device
+        out / "tokenizer" / "final",
+        out / "prior" / "final",
+        out / "draft" / "final",
+        device=device,
+        tree_draft_dir=tree_draft,
     )
     data = real_data(cfg.data, cfg.resolution)
     metrics: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
@@ -220,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps({"tokenizer_psnr": round(metrics["tokenizer"]["psnr"], 2), **summary}, indent=2)
     )
     print(f"\noutputs in {out}/: samples.png, samples_speculative.png, reconstructions.png, guidance.png, metrics.json,"
-          f" tokenizer/final, prior/final, draft/final")  # fmt: skip
+          f" tokenizer/final, prior/final, draft/final, tree_draft")  # fmt: skip
 
 
 def console() -> None:

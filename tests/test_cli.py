@@ -34,6 +34,7 @@ BAD = {
     "serve": ["--tokenizer", "{tmp}/no_tok", "--prior", "{tmp}/no_prior"],
     "evaluate": ["--tokenizer", "{tmp}/no_tok"],
     "export_llama": ["--prior", "{tmp}/no_prior", "--out", "{tmp}/l"],
+    "distill_tree_draft": ["--prior", "{tmp}/no_prior", "--out", "{tmp}/t"],
     "demo": ["--output-dir", "{tmp}/d", "seed=many"],
     "compare_estimators": ["--output-dir", "{tmp}/c", "runtime.max_stepz=3"],
     "demo_seeds": ["--output-dir", "{tmp}/d", "--seeds", "0"],

@@ -1,0 +1,292 @@
+"""Tree speculation with a noise-aware draft: exact, and equal to plain AR token for token.
+
+Plain AR draws code i as race(p_i, E_i): the exponential race of sampling/noise.py with the
+row's noise E_i at position i, which is a pure function of (seed, index, i) and so is known
+before p_i is. A round feeds the last committed code (the root) and a static tree of candidate
+codes for the next positions in one target pass (tree attention: each node sees the committed
+prefix and its own path), which gives p at the root and after every node's path. Then it walks
+down: code n = race(p_n, E_n) exactly as AR draws it; if a child of the root holds that code,
+its output is p_{n+1} given it, so code n + 1 = race(p_{n+1}, E_{n+1}), and so on until a drawn
+code has no node. A round commits 1 + (matched depth) codes, all of them the codes AR would
+have drawn: no accept test, no residual, nothing to prove beyond "the same p, the same noise".
+
+Because E is known, the draft (sampling/tree_draft.py) ranks candidates by q / E, the race
+it predicts, not by q: on the digits demo at guidance 3 its first candidate is AR's code about
+60 % of the time. The tree's shape is fixed (`TreeShape.build`: the nodes with the largest
+chance of lying on the path, from a rank profile), so the whole round, draft, tree pass, CFG,
+walk and cache moves, is one compiled graph with static shapes. The accepted path's keys and
+values are moved from their scratch slots to their positions; the rest is never read again.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from sampling.autoregressive import batch_size, positions_of, row_noise
+from sampling.engine import EngineBatch
+from sampling.guidance import GuidanceSchedule
+from sampling.logits import SamplingConfig
+from sampling.noise import DRAW, RowNoise, race, uniform
+from sampling.row_settings import RowSettings, guided_distribution
+from sampling.stats import SpeculativeStats
+
+if TYPE_CHECKING:
+    from prior.conditioning import Condition
+    from sampling.engine import DecodeEngine
+    from sampling.tree_draft import TreeDraft
+
+# chance that AR's code is the draft's k-th candidate (k = 1..6), measured with the digits
+# demo's distilled draft at guidance 3; only the tree's shape depends on it
+DEFAULT_RANK_PROBS = (0.6, 0.18, 0.08, 0.04, 0.025, 0.015)
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """A static candidate tree: node 0 is the root; node i > 0 is its parent's ranks[i]-th
+    candidate (0 = best) and parents[i] < i."""
+
+    parents: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.parents or self.parents[0] != 0 or self.ranks[0] != 0:
+            raise ValueError("node 0 must be the root (parents[0] = ranks[0] = 0)")
+        if len(self.parents) != len(self.ranks):
+            raise ValueError("parents and ranks must be one per node")
+        for i, (parent, rank) in enumerate(zip(self.parents, self.ranks, strict=True)):
+            if i and not 0 <= parent < i:
+                raise ValueError(f"node {i}'s parent {parent} must be a node before it")
+            if rank < 0:
+                raise ValueError(f"node {i}'s rank must be >= 0, got {rank}")
+        if list(self.depths) != sorted(self.depths):
+            raise ValueError("nodes must be numbered level by level (TreeShape.level_order)")
+        children = [(p, r) for p, r in zip(self.parents[1:], self.ranks[1:], strict=True)]
+        if len(set(children)) != len(children):
+            raise ValueError("two nodes are the same candidate of the same parent")
+
+    @classmethod
+    def build(cls, size: int, rank_probs: tuple[float, ...] = DEFAULT_RANK_PROBS) -> TreeShape:
+        """The `size` non-root nodes with the largest chance of lying on AR's path (the product
+        of rank_probs along the path): greedy, so every prefix of the choice is a tree."""
+        if size < 0:
+            raise ValueError(f"tree size must be >= 0, got {size}")
+        if not rank_probs or not all(0 < r <= 1 for r in rank_probs):
+            raise ValueError(f"rank_probs must be in (0, 1], got {rank_probs}")
+        parents, ranks = [0], [0]
+        frontier = [(-r, 0, k) for k, r in enumerate(rank_probs)]  # (-chance, parent, rank)
+        heapq.heapify(frontier)
+        chance = [1.0]
+        while len(parents) <= size:
+            value, parent, rank = heapq.heappop(frontier)
+            parents.append(parent)
+            ranks.append(rank)
+            chance.append(-value)
+            node = len(parents) - 1
+            for k, r in enumerate(rank_probs):
+                heapq.heappush(frontier, (-chance[node] * r, node, k))
+        return cls.level_order(parents, ranks)
+
+    @classmethod
+    def level_order(cls, parents: list[int], ranks: list[int]) -> TreeShape:
+        """The same tree numbered level by level (a round builds its candidates that way)."""
+        depth = [0]
+        for parent in parents[1:]:
+            depth.append(depth[parent] + 1)
+        order = sorted(range(len(parents)), key=lambda i: (depth[i], i))
+        new = {old: i for i, old in enumerate(order)}
+        return cls(tuple(new[parents[i]] if i else 0 for i in order),
+                   tuple(ranks[i] for i in order))  # fmt: skip
+
+    @property
+    def size(self) -> int:
+        """Nodes besides the root (what the cache needs as scratch slots)."""
+        return len(self.parents) - 1
+
+    @functools.cached_property
+    def depths(self) -> tuple[int, ...]:
+        depth = [0]
+        for parent in self.parents[1:]:
+            depth.append(depth[parent] + 1)
+        return tuple(depth)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths)
+
+    def ancestor(self, node: int, k: int) -> int:
+        """The node k levels above `node` (k <= its depth; the root is depth 0)."""
+        for _ in range(k):
+            node = self.parents[node]
+        return node
+
+    def ancestors(self) -> list[list[bool]]:
+        """[i][j]: node j is node i or one of its ancestors."""
+        rows = []
+        for i in range(len(self.parents)):
+            row = [False] * len(self.parents)
+            node = i
+            row[node] = True
+            while node:
+                node = self.parents[node]
+                row[node] = True
+            rows.append(row)
+        return rows
+
+
+def tree_round(
+    engine: DecodeEngine,
+    shape: TreeShape,
+    draft: TreeDraft,
+    out: Tensor,
+    n: Tensor,
+    classes: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One round on all R slots: out Long[R, N + D + 1] (committed codes), n Long[R] (codes
+    committed; rows with n = N are done), classes Long[R] (the draft's). Returns (out, n) with
+    1 + matched depth more codes per running row (at most N in all).
+
+    Invariant (as in sampling/speculative.py): the cache holds positions < n - 1; code n - 1
+    is committed but not fed. It feeds it as the root at position n - 1."""
+    device, rows = out.device, out.shape[0]
+    vocab, offsets = draft.config.vocab_size, draft.config.offsets
+    num_tokens, model, keys = engine.num_tokens, engine.model, engine.keys
+    parents = torch.tensor(shape.parents, device=device)
+    depths = torch.tensor(shape.depths, device=device)
+    ranks = torch.tensor(shape.ranks, device=device)
+    ancestors = torch.tensor(shape.ancestors(), device=device)
+    top = max(shape.ranks) + 1
+    root_pos = n - 1  # [R]
+    nodes = out.gather(1, root_pos[:, None])  # [R, 1] the root
+
+    # draft: level by level, each node is its parent's ranks[i]-th code by q / E at its position
+    for level in range(1, shape.max_depth + 1):
+        index = [i for i, d in enumerate(shape.depths) if d == level]
+        where = root_pos + level  # [R] the position these candidates are for
+        columns = []
+        for k in offsets:  # the code k before each candidate: on its path, or committed
+            if k <= level:
+                columns.append(nodes[:, [shape.ancestor(i, k) for i in index]])  # [R, m]
+            else:
+                before = where - k
+                code = out.gather(1, before.clamp_min(0)[:, None])  # [R, 1]
+                code = torch.where(before[:, None] >= 0, code, vocab)
+                columns.append(code.expand(rows, len(index)))
+        context = torch.stack(columns, dim=-1)  # [R, m, K]
+        at = where.clamp(max=num_tokens - 1)[:, None].expand(rows, len(index))  # [R, m]
+        q = draft(classes, at, context).softmax(-1)  # [R, m, V]
+        e = -torch.log(uniform(keys, where, DRAW, vocab))  # [R, V] AR's noise there
+        order = (q / e[:, None]).topk(top, dim=-1).indices  # [R, m, top]
+        pick = order.gather(-1, ranks[index][None, :, None].expand(rows, -1, 1))[..., 0]
+        nodes = torch.cat([nodes, pick], dim=1)
+
+    # one target pass over the tree (both CFG halves), distributions after every node
+    fed, start = nodes, root_pos
+    if engine.guided:
+        fed, start = torch.cat([nodes, nodes]), torch.cat([root_pos, root_pos])
+    logits = model.decode_tree(fed, start, depths, ancestors)  # [R or 2R, T, V]
+    predicts = (n[:, None] + depths).clamp(max=num_tokens - 1)  # [R, T]
+    probs = guided_distribution(logits, predicts, engine.settings, guided=engine.guided,
+                                filtered=engine.filtered)  # fmt: skip  # [R, T, V]
+
+    # walk: draw each code as AR does; continue while a child of the current node holds it
+    row = torch.arange(rows, device=device)
+    current = torch.zeros(rows, dtype=torch.long, device=device)
+    alive = torch.ones(rows, dtype=torch.bool, device=device)
+    count = torch.zeros(rows, dtype=torch.long, device=device)
+    drawn, path = [], []
+    for level in range(shape.max_depth + 1):
+        code = race(probs[row, current], uniform(keys, n + level, DRAW, vocab))  # [R]
+        drawn.append(code)
+        count = count + alive.long()
+        if level == shape.max_depth:
+            break
+        match = (parents == current[:, None]) & (depths == level + 1) & (nodes == code[:, None])
+        alive = alive & match.any(-1)
+        child = match.long().argmax(-1)  # [R] the node holding the code (siblings differ)
+        path.append(child)
+        current = torch.where(alive, child, current)
+    count = torch.minimum(count, (num_tokens - n).clamp_min(0))
+
+    # commit the drawn codes, move the matched path's cache entries to their positions
+    steps = torch.arange(shape.max_depth + 1, device=device)
+    index = n[:, None] + steps  # [R, D+1]
+    keep = steps < count[:, None]
+    out = out.scatter(1, index, torch.where(keep, torch.stack(drawn, 1), out.gather(1, index)))
+    if path:
+        source = root_pos[:, None] + torch.stack(path, 1)  # [R, D] slots of depths 1..D
+        target = n[:, None] + steps[:-1]  # [R, D] their positions
+        if engine.guided:
+            source, target = torch.cat([source, source]), torch.cat([target, target])
+        model.move_positions(source, target)
+    return out, n + count
+
+
+@torch.no_grad()
+def generate_tree(
+    model: torch.nn.Module,
+    cond: Condition,
+    uncond: Condition | None,
+    num_tokens: int,
+    draft: TreeDraft,
+    classes: Tensor | None = None,
+    tree_size: int = 4,
+    sampling: SamplingConfig | None = None,
+    guidance: GuidanceSchedule | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    shape: TreeShape | None = None,
+    noise: RowNoise | None = None,
+    compile: bool | str = False,
+) -> tuple[Tensor, SpeculativeStats]:
+    """Sample codes Long[B, N] with tree speculation: the codes plain AR draws for the same
+    noise, in fewer target passes. classes Long[B]: the rows' class ids for the draft (None:
+    class 0, for a draft of a prior without classes). shape: the candidate tree (default
+    `TreeShape.build(tree_size)`). Stats: drafted = tree nodes per running row and round,
+    accepted = codes committed beyond the first of each round."""
+    sampling = sampling if sampling is not None else SamplingConfig()
+    guidance = guidance if guidance is not None else GuidanceSchedule()
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    shape = shape if shape is not None else TreeShape.build(tree_size)
+    batch, device = batch_size(cond), cond.prefix.device
+    config = model.config
+    draft.check_fits(vocab_size=config.vocab_size, num_tokens=num_tokens,
+                     num_classes=getattr(config, "num_classes", None))  # fmt: skip
+    if classes is None:
+        if draft.config.num_classes != 1:
+            raise ValueError("this tree draft knows classes: pass the rows' class ids (classes=)")
+        classes = torch.zeros(batch, dtype=torch.long, device=device)
+    if classes.shape != (batch,):
+        raise ValueError(f"classes must be one id per row ({batch}), got {tuple(classes.shape)}")
+    if draft.config.num_classes == 1:
+        classes = torch.zeros_like(classes)
+    noise = row_noise(noise, generator, batch, device)
+    settings = RowSettings.build(batch, num_tokens, sampling, guidance, device)
+    rows = EngineBatch(model, cond, uncond, settings, noise, num_tokens=num_tokens,
+                       compile=compile, scratch=shape.size)  # fmt: skip
+    stats = SpeculativeStats(rows=batch, num_tokens=num_tokens)
+    out = torch.zeros(batch, num_tokens + shape.max_depth + 1, dtype=torch.long, device=device)
+    out[:, 0] = noise.sample(rows.prefill(), positions_of(batch, 0, device))
+    n = torch.ones(batch, dtype=torch.long, device=device)
+    step = functools.partial(tree_round, rows.engine, shape, draft)
+    out, n, classes = (rows.padded(x) for x in (out, n, classes))
+    name = f"tree {id(draft)} {shape.parents} {shape.ranks}"  # one compiled round each
+    row_rounds = torch.zeros((), dtype=torch.long, device=device)  # rounds of running rows
+    while True:
+        running = n[:batch] < num_tokens
+        if not bool(running.any()):  # the one host sync of a round
+            break
+        out, n = rows.run(name, step, out, n, classes)
+        row_rounds += running.sum()
+        stats.iterations += 1
+        stats.draft_lengths.append(shape.size)
+    stats.drafted = int(row_rounds) * shape.size
+    stats.accepted = batch * (num_tokens - 1) - int(row_rounds)  # codes past each round's first
+    stats.target_calls = rows.calls
+    return out[:batch, :num_tokens], stats

@@ -56,6 +56,7 @@ from sampling import (  # noqa: E402
     generate_jacobi,
     generate_maskgit,
     generate_speculative,
+    generate_tree,
 )
 from sampling.engine import engine_for  # noqa: E402
 from sampling.generate import DecodeOptions, generate_codes  # noqa: E402
@@ -72,10 +73,12 @@ RANDOM_NOTE = (
 OURS = ["ar", "speculative", "relaxed", "jacobi", "mc_sjd"]
 COMPILED = ["ar_compiled", "speculative_compiled", "speculative_cost_compiled", "mc_sjd_compiled"]
 LOSSLESS = ["speculative", "jacobi", "mc_sjd", "speculative_compiled", "speculative_cost_compiled",
-            "mc_sjd_compiled"]  # fmt: skip
+            "mc_sjd_compiled", "tree", "tree_small"]  # fmt: skip
+TREES = ["tree", "tree_small"]  # --tree-size and --tree-size-small nodes, compiled with --compile
 SETTINGS = (
     "batch", "cfg", "draft_len", "relaxed_k", "relaxed_delta", "jacobi_window", "maskgit_steps",
     "temperature", "top_k", "hf_cache", "compile", "compile_mode", "repeats", "warmup", "seed",
+    "tree_size", "tree_size_small",
 )  # fmt: skip
 MASKGIT_NOTE = (
     "MaskGIT makes T full passes over all N tokens (about T times the FLOPs of AR's N cached "
@@ -139,6 +142,12 @@ def candidates(
             drafted=hf.target_calls.fed - calls, accepted=n - calls, iterations=calls,
         )  # fmt: skip
 
+    def tree(size: int) -> SpeculativeStats:
+        return generate_tree(
+            target, tc, tu, n, models.tree_draft, ids, size, sampling, guidance, noise=noise(),
+            compile=args.compile,
+        )[1]  # fmt: skip
+
     def ar(compiled: bool) -> None:
         generate_ar(target, tc, tu, n, sampling, guidance, compile=compiled,
                     compile_mode=args.compile_mode, noise=noise())  # fmt: skip
@@ -154,6 +163,8 @@ def candidates(
         "jacobi": lambda: jacobi("independent", c),
         "mc_sjd": lambda: jacobi("gumbel", False),
         "mc_sjd_compiled": lambda: jacobi("gumbel", True),
+        "tree": lambda: tree(args.tree_size),
+        "tree_small": lambda: tree(args.tree_size_small),
         "transformers": lambda: hf_generate(),
         "transformers_assisted": lambda: hf_generate(hf.draft),
     }
@@ -196,7 +207,7 @@ def sanity(models: Models, hf: HF, args, device: torch.device) -> dict[str, Any]
     greedy, guidance = SamplingConfig(temperature=0.0), GuidanceSchedule(args.cfg)
     t, d = models.target, models.draft
     n = t.config.seq_len
-    tc, tu, _ = conditions(t, 2)
+    tc, tu, tids = conditions(t, 2)
     dc, du, _ = conditions(d, 2)
     ar = generate_ar(t, tc, tu, n, greedy, guidance)
 
@@ -211,6 +222,11 @@ def sanity(models: Models, hf: HF, args, device: torch.device) -> dict[str, Any]
         "relaxed": spec(models.relaxed),
         "jacobi": generate_jacobi(t, tc, tu, n, args.jacobi_window, greedy, guidance)[0],
     }
+    if models.tree_draft is not None:
+        tree = generate_tree(
+            t, tc, tu, n, models.tree_draft, tids, args.tree_size, greedy, guidance
+        )
+        decoded["tree"] = tree[0]
     for name, codes in decoded.items():
         if not torch.equal(codes, ar):
             bad = int((codes != ar).sum())
@@ -232,7 +248,7 @@ def sanity(models: Models, hf: HF, args, device: torch.device) -> dict[str, Any]
     if not torch.equal(hf_greedy[:, 1:], generate_ar(src, cond, None, n, greedy)):
         raise AssertionError("transformers greedy generate differs from our greedy AR")
     return {
-        "greedy_speculative_relaxed_jacobi_equal_greedy_ar": True,
+        "greedy_methods_equal_greedy_ar": sorted(decoded),
         "greedy_check": f"batch 2, cfg {args.cfg}, fp32",
         "export_logits_max_abs_diff": diff,
         "transformers_greedy_equals_ours": True,
@@ -262,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--relaxed-k", type=int, default=8, help="LANTERN neighbours per code")
     a("--relaxed-delta", type=float, default=0.1, help="LANTERN budget")
     a("--jacobi-window", type=int, default=8)
+    a("--tree-draft", default="outputs/demo/tree_draft", help="distilled tree draft (if present)")
+    a("--tree-size", type=int, default=4, help="candidate nodes of method tree")
+    a("--tree-size-small", type=int, default=2, help="the second tree size timed")
     a("--maskgit-steps", type=int, default=8)
     a("--temperature", type=float, default=1.0)
     a("--top-k", type=int, default=0, help="0 = off (on both sides)")
@@ -382,15 +401,18 @@ def batch_invariant(models: Models, args, device: torch.device) -> bool:
                DecodeOptions("jacobi", jacobi_window=args.jacobi_window),
                DecodeOptions("jacobi", jacobi_window=args.jacobi_window,
                              jacobi_coupling="independent")]  # fmt: skip
+    if models.tree_draft is not None:
+        decodes.append(DecodeOptions("tree", tree_size=args.tree_size))
 
     def run(decode: DecodeOptions, rows: list[int]) -> Tensor:
         index = torch.tensor(rows, device=device)
-        tc, tu, _ = conditions(t, batch)
+        tc, tu, ids = conditions(t, batch)
         dc, du, _ = conditions(d, batch)
         return generate_codes(
             t, tc.select(index), tu.select(index), decode=decode, sampling=SamplingConfig(),
             guidance=guidance, draft=d, draft_conds=(dc.select(index), du.select(index)),
-            noise=noise.select(index),
+            noise=noise.select(index), tree_draft=models.tree_draft,
+            class_ids=None if ids is None else ids[index],
         ).codes  # fmt: skip
 
     for decode in decodes:
@@ -477,6 +499,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     groups: dict[tuple[int, float], dict[str, Timing]] = {}
     for batch, scale in itertools.product([1, big], [1.0, args.cfg]):
         methods = OURS + compiled
+        if scale == args.cfg and models.tree_draft is not None:
+            methods = methods + TREES  # the draft is distilled at this guidance
         if models.hf_is_main and scale == 1.0:  # transformers joins the same round-robin
             extra = ar_hf if batch == big else ASSISTED + ["ar_compiled"] * args.compile
             methods += [m for m in extra if m not in methods]

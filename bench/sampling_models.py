@@ -15,7 +15,7 @@ from torch import Tensor
 from prior import GPT, GPTConfig, MaskGIT, MaskGITConfig, load_prior
 from prior.conditioning import Condition
 from prior.hf_export import to_llama
-from sampling import Pipeline, RelaxedAcceptance
+from sampling import DistillConfig, Pipeline, RelaxedAcceptance, TreeDraft, distill_tree_draft
 from tokenizer import Tokenizer
 
 
@@ -31,6 +31,7 @@ class Models:
     hf_target_src: GPT
     hf_draft_src: GPT
     hf_weights: str
+    tree_draft: TreeDraft | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -114,7 +115,31 @@ def build_models(args) -> Models:
             "the transformers comparisons run on freshly initialised 1D-RoPE GPTs of the same "
             "sizes (ours side by side on those same weights)"
         )
-    return Models(target, draft, maskgit, relaxed, weights, hf_target, hf_draft, hf_weights, notes)
+    tree_draft = load_tree_draft(target, args, notes)
+    return Models(target, draft, maskgit, relaxed, weights, hf_target, hf_draft, hf_weights,
+                  tree_draft, notes)  # fmt: skip
+
+
+def load_tree_draft(target: GPT, args, notes: list[str]) -> TreeDraft | None:
+    """The demo's distilled tree draft when it fits the target, else one distilled here (a
+    minute or two for the trained digits prior; seconds with --quick)."""
+    if target.config.cond not in ("class", "none"):
+        return None
+    folder = Path(args.tree_draft) if args.tree_draft else None
+    cfg = target.config
+    if folder is not None and (folder / "config.json").is_file():
+        draft = TreeDraft.from_pretrained(folder)
+        try:
+            draft.check_fits(vocab_size=cfg.vocab_size, num_tokens=cfg.seq_len,
+                             num_classes=cfg.num_classes)  # fmt: skip
+            return draft
+        except ValueError as err:
+            notes.append(f"{folder} does not fit the target ({err}): tree draft distilled here")
+    quick = {"samples": 2000, "steps": 300} if args.quick else {}
+    config = DistillConfig(guidance_scale=args.cfg, seed=args.seed, **quick)
+    draft, report = distill_tree_draft(target, config, progress=False)
+    notes.append(f"tree draft distilled here in {report['seconds']:.0f} s at guidance {args.cfg:g}")
+    return draft
 
 
 def conditions(model: torch.nn.Module, batch: int) -> tuple[Condition, Condition, Tensor | None]:

@@ -1,7 +1,7 @@
 """Generate a PNG grid from class or text prompts.
 
 python scripts/generate.py --tokenizer DIR --prior DIR --prompt 7 --prompt 3 --guidance 3 --n 8 \
-    --out samples.png [--method ar|speculative|relaxed|jacobi|maskgit] [--draft DIR] [--codes codes.npy]
+    --out samples.png [--method ar|speculative|relaxed|jacobi|tree|maskgit] [--draft DIR] [--tree-draft DIR] [--codes codes.npy]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer directory (final/)")
     p.add_argument("--prior", type=Path, required=True, help="prior directory (final/)")
     p.add_argument("--draft", type=Path, default=None, help="draft prior for speculative/relaxed")
+    p.add_argument("--tree-draft", type=Path, default=None,
+                   help="distilled tree draft for --method tree (scripts/distill_tree_draft.py)")  # fmt: skip
     p.add_argument(
         "--prompt", action="append", default=None, help="class name, class id or text; repeatable"
     )
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--draft-len", type=int, default=None, help="speculative / relaxed (default 4)")
+    p.add_argument("--tree-size", type=int, default=None, help="tree (default 4 candidate nodes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=Path("samples.png"))
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print(cli.options_yaml(args), end="")
         return
-    pipe = Pipeline.from_pretrained(args.tokenizer, args.prior, args.draft, device=args.device)
+    pipe = Pipeline.from_pretrained(args.tokenizer, args.prior, args.draft, device=args.device,
+                                    tree_draft_dir=args.tree_draft)  # fmt: skip
     prompts = args.prompt or (pipe.class_names or ["0"])
     print(f"generating {len(prompts) * args.n} images ({args.method}, guidance {args.guidance:g}) "
           f"on {pipe.device} ...", file=sys.stderr, flush=True)  # fmt: skip
@@ -84,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         draft_len=args.draft_len,
+        tree_size=args.tree_size,
         generator=torch.Generator(pipe.device).manual_seed(args.seed),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

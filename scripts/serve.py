@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--tokenizer", required=True, help="tokenizer folder (final/ of a run)")
     p.add_argument("--prior", required=True, help="prior folder (final/ of a run)")
     p.add_argument("--draft", default=None, help="draft prior, enables speculative methods")
+    p.add_argument("--tree-draft", default=None, help="distilled tree draft, enables method tree")
     p.add_argument("--host", default="127.0.0.1", help="loopback by default")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-rows", type=int, default=16, help="images decoded together")
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cli.quiet_startup()
     torch.set_grad_enabled(False)
-    pipe = Pipeline.from_pretrained(args.tokenizer, args.prior, args.draft, device=args.device)
+    pipe = Pipeline.from_pretrained(args.tokenizer, args.prior, args.draft, device=args.device,
+                                    tree_draft_dir=args.tree_draft)  # fmt: skip
     compile = {"auto": "auto", "true": True, "false": False}[args.compile]
     scheduler = Scheduler(pipe, max_rows=args.max_rows, max_queue=args.max_queue,
                           compile=compile).start()  # fmt: skip

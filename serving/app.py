@@ -182,8 +182,9 @@ def build_job(body: GenerationRequest, scheduler: Scheduler) -> Job:
     method = body.method or pipe.default_method
     allowed = methods_for(pipe)
     if method not in allowed:
-        why = " (speculative methods need a draft: start the server with --draft)" if method in (
-            "speculative", "relaxed") else ""  # fmt: skip
+        why = {"speculative": " (speculative methods need a draft: start the server with --draft)",
+               "tree": " (method tree needs a distilled draft: start the server with --tree-draft)",
+               }.get("speculative" if method == "relaxed" else method, "")  # fmt: skip
         raise BadRequest("method", f"method '{method}' is not available; use one of "
                                    f"{', '.join(allowed)}{why}")  # fmt: skip
     if not math.isfinite(body.guidance_scale):

@@ -370,4 +370,6 @@ def methods_for(pipeline: Pipeline) -> tuple[str, ...]:
     methods = MODEL_METHODS[pipeline.prior.config.model_type]
     if pipeline.draft is None:
         methods = tuple(m for m in methods if m not in ("speculative", "relaxed"))
+    if pipeline.tree_draft is None:
+        methods = tuple(m for m in methods if m != "tree")
     return methods

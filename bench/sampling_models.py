@@ -115,7 +115,7 @@ def build_models(args) -> Models:
             "the transformers comparisons run on freshly initialised 1D-RoPE GPTs of the same "
             "sizes (ours side by side on those same weights)"
         )
-    tree_draft = load_tree_draft(target, args, notes)
+    tree_draft = None if args.call_costs_only else load_tree_draft(target, args, notes)
     return Models(target, draft, maskgit, relaxed, weights, hf_target, hf_draft, hf_weights,
                   tree_draft, notes)  # fmt: skip
 
@@ -135,7 +135,7 @@ def load_tree_draft(target: GPT, args, notes: list[str]) -> TreeDraft | None:
             return draft
         except ValueError as err:
             notes.append(f"{folder} does not fit the target ({err}): tree draft distilled here")
-    quick = {"samples": 2000, "steps": 300} if args.quick else {}
+    quick = {"samples": 500, "sample_batch": 250, "steps": 100} if args.quick else {}
     config = DistillConfig(guidance_scale=args.cfg, seed=args.seed, **quick)
     draft, report = distill_tree_draft(target, config, progress=False)
     notes.append(f"tree draft distilled here in {report['seconds']:.0f} s at guidance {args.cfg:g}")

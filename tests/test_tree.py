@@ -28,7 +28,7 @@ def models() -> tuple[GPT, TreeDraft, TreeDraft]:
     torch.manual_seed(0)
     random = TreeDraft(TreeDraftConfig(vocab_size=V, num_tokens=N, grid_width=4, num_classes=3,
                                        dim=16, hidden=32)).eval()  # fmt: skip
-    config = DistillConfig(guidance_scale=3.0, samples=600, sample_batch=300, steps=150,
+    config = DistillConfig(guidance_scale=3.0, samples=400, sample_batch=400, steps=150,
                            batch_size=512, dim=16, hidden=64)  # fmt: skip
     distilled, _ = distill_tree_draft(target, config, progress=False)
     return target, random, distilled
@@ -132,7 +132,7 @@ def test_a_round_is_one_graph_without_breaks():
     model, _, distilled = models()
     cond, uncond, ids = conditions(model, [0, 1])
     settings = RowSettings.build(2, N, SamplingConfig(), GuidanceSchedule(2.0))
-    shape = TreeShape.build(4)
+    shape = TreeShape.build(3, rank_probs=(0.5, 0.3))  # two levels, a branch: every code path
     rows = EngineBatch(model, cond, uncond, settings, RowNoise.from_seeds([0, 1]), num_tokens=N,
                        scratch=shape.size)  # fmt: skip
     with torch.no_grad():

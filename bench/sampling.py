@@ -60,7 +60,9 @@ from sampling import (  # noqa: E402
 )
 from sampling.engine import engine_for  # noqa: E402
 from sampling.generate import DecodeOptions, generate_codes  # noqa: E402
+from sampling.noise import DRAW  # noqa: E402
 from sampling.row_settings import RowSettings  # noqa: E402
+from sampling.tree_draft import TreeDraft  # noqa: E402
 
 RANDOM_NOTE = (
     "random weights: the untrained target and draft are both close to uniform, so the draft "
@@ -297,6 +299,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--threads", type=int, default=1, help="CPU threads (0 = torch default); 1 is steadiest")
     a("--seed", type=int, default=0)
     a("--out", default=None, help="also write the JSON here")
+    a("--tree-draft-ranks-only", action="store_true",
+      help="only measure how often the tree draft's k-th candidate is AR's code, and print that")  # fmt: skip
     a("--call-costs-only", action="store_true",
       help="only time a speculative round's calls in target steps (batch 1) and print that")  # fmt: skip
     args = p.parse_args(argv)
@@ -422,6 +426,31 @@ def batch_invariant(models: Models, args, device: torch.device) -> bool:
     return True
 
 
+@torch.no_grad()
+def tree_draft_ranks(models: Models, args, device: torch.device, rows: int = 400) -> dict[str, Any]:
+    """How often the tree draft's first / second ... candidate is the code AR draws (guidance
+    --cfg, `rows` samples of the target): candidates ranked by q / E (what method tree does,
+    E the rows' own noise) and by q alone."""
+    t, draft = models.target, models.tree_draft
+    n, vocab = t.config.seq_len, t.config.vocab_size
+    cond, uncond, ids = conditions(t, rows)
+    ids = torch.zeros(rows, dtype=torch.long, device=device) if ids is None else ids
+    noise = RowNoise.from_seeds(list(range(rows)), device=device)
+    codes = generate_ar(t, cond, uncond, n, SamplingConfig(), GuidanceSchedule(args.cfg),
+                        noise=noise)  # fmt: skip
+    positions = torch.arange(n, device=device).expand(rows, n)
+    context = TreeDraft.context_of(codes, draft.config.offsets, vocab)
+    classes = ids if draft.config.num_classes > 1 else torch.zeros_like(ids)
+    q = draft(classes, positions, context).softmax(-1)  # [rows, N, V]
+    e = -torch.log(noise.uniform(positions, DRAW, vocab))  # the noise AR draws with
+    out: dict[str, Any] = {"rows": rows, "guidance": args.cfg, "positions": "1..N-1"}
+    for name, score in (("by_q_over_e", q / e), ("by_q", q)):
+        order = score[:, 1:].argsort(-1, descending=True)  # position 0 comes from the prefill
+        rank = (order == codes[:, 1:, None]).float().argmax(-1)
+        out[name] = [round(float((rank == k).float().mean()), 3) for k in range(4)]
+    return out
+
+
 def call_costs(models: Models, args, device: torch.device, calls: int = 20) -> dict[str, Any]:
     """A speculative round's price in target steps (batch 1, guidance --cfg, the engine every
     method runs on): one target pass over draft_len + 1 tokens and draft_len one-token draft
@@ -478,6 +507,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours_models += [models.hf_target_src, models.hf_draft_src]
     for m in ours_models:
         m.to(device)
+    if args.tree_draft_ranks_only:
+        ranks = {"device": device_name(device), "weights": models.weights}
+        ranks |= tree_draft_ranks(models, args, device)
+        print(json.dumps(ranks))
+        return ranks
     if args.call_costs_only:
         costs = {"device": device_name(device), "weights": models.weights}
         costs |= call_costs(models, args, device)
@@ -538,6 +572,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "vs_transformers_assisted": assisted,
         "maskgit_vs_ar": maskgit,
         "call_costs": costs,
+        "tree_draft_ranks": tree_draft_ranks(models, args, device) if models.tree_draft else None,
         "ratios": "speedup = baseline median time / candidate median time (> 1: candidate faster)",
         "note": " ".join(models.notes + ([RANDOM_NOTE] if models.weights == "random" else [])),
         "elapsed_s": round(time.perf_counter() - begin, 1),

@@ -434,13 +434,12 @@ def tree_draft_ranks(models: Models, args, device: torch.device, rows: int = 400
     t, draft = models.target, models.tree_draft
     n, vocab = t.config.seq_len, t.config.vocab_size
     cond, uncond, ids = conditions(t, rows)
-    ids = torch.zeros(rows, dtype=torch.long, device=device) if ids is None else ids
     noise = RowNoise.from_seeds(list(range(rows)), device=device)
     codes = generate_ar(t, cond, uncond, n, SamplingConfig(), GuidanceSchedule(args.cfg),
                         noise=noise)  # fmt: skip
     positions = torch.arange(n, device=device).expand(rows, n)
     context = TreeDraft.context_of(codes, draft.config.offsets, vocab)
-    classes = ids if draft.config.num_classes > 1 else torch.zeros_like(ids)
+    classes = draft.row_classes(ids, rows, device)
     q = draft(classes, positions, context).softmax(-1)  # [rows, N, V]
     e = -torch.log(noise.uniform(positions, DRAW, vocab))  # the noise AR draws with
     out: dict[str, Any] = {"rows": rows, "guidance": args.cfg, "positions": "1..N-1"}

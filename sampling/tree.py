@@ -11,8 +11,8 @@ code has no node. A round commits 1 + (matched depth) codes, all of them the cod
 have drawn: no accept test, no residual, nothing to prove beyond "the same p, the same noise".
 
 Because E is known, the draft (sampling/tree_draft.py) ranks candidates by q / E, the race
-it predicts, not by q: on the digits demo at guidance 3 its first candidate is AR's code about
-60 % of the time. The tree's shape is fixed (`TreeShape.build`: the nodes with the largest
+it predicts, not by q: on the digits demo at guidance 3 its first candidate is AR's code 66 %
+of the time (33 % ranked by q; `bench/sampling.py --tree-draft-ranks-only`). The tree's shape is fixed (`TreeShape.build`: the nodes with the largest
 chance of lying on the path, from a rank profile), so the whole round, draft, tree pass, CFG,
 walk and cache moves, is one compiled graph with static shapes. The accepted path's keys and
 values are moved from their scratch slots to their positions; the rest is never read again.
@@ -44,6 +44,14 @@ if TYPE_CHECKING:
 # chance that AR's code is the draft's k-th candidate (k = 1..6), measured with the digits
 # demo's distilled draft at guidance 3; only the tree's shape depends on it
 DEFAULT_RANK_PROBS = (0.6, 0.18, 0.08, 0.04, 0.025, 0.015)
+
+
+def _depths(parents: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """Each node's depth (root 0) when every parent comes before its children."""
+    depth = [0]
+    for parent in parents[1:]:
+        depth.append(depth[parent] + 1)
+    return tuple(depth)
 
 
 @dataclass(frozen=True)
@@ -95,9 +103,7 @@ class TreeShape:
     @classmethod
     def level_order(cls, parents: list[int], ranks: list[int]) -> TreeShape:
         """The same tree numbered level by level (a round builds its candidates that way)."""
-        depth = [0]
-        for parent in parents[1:]:
-            depth.append(depth[parent] + 1)
+        depth = _depths(parents)
         order = sorted(range(len(parents)), key=lambda i: (depth[i], i))
         new = {old: i for i, old in enumerate(order)}
         return cls(tuple(new[parents[i]] if i else 0 for i in order),
@@ -110,10 +116,7 @@ class TreeShape:
 
     @functools.cached_property
     def depths(self) -> tuple[int, ...]:
-        depth = [0]
-        for parent in self.parents[1:]:
-            depth.append(depth[parent] + 1)
-        return tuple(depth)
+        return _depths(self.parents)
 
     @property
     def max_depth(self) -> int:
@@ -258,14 +261,7 @@ def generate_tree(
     config = model.config
     draft.check_fits(vocab_size=config.vocab_size, num_tokens=num_tokens,
                      num_classes=getattr(config, "num_classes", None))  # fmt: skip
-    if classes is None:
-        if draft.config.num_classes != 1:
-            raise ValueError("this tree draft knows classes: pass the rows' class ids (classes=)")
-        classes = torch.zeros(batch, dtype=torch.long, device=device)
-    if classes.shape != (batch,):
-        raise ValueError(f"classes must be one id per row ({batch}), got {tuple(classes.shape)}")
-    if draft.config.num_classes == 1:
-        classes = torch.zeros_like(classes)
+    classes = draft.row_classes(classes, batch, device)
     noise = row_noise(noise, generator, batch, device)
     settings = RowSettings.build(batch, num_tokens, sampling, guidance, device)
     rows = EngineBatch(model, cond, uncond, settings, noise, num_tokens=num_tokens,

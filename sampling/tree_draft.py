@@ -101,6 +101,21 @@ class TreeDraft(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
                 f"tree draft knows {cfg.num_classes} classes; the prior has {num_classes}"
             )
 
+    def row_classes(self, classes: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """The class row each of `batch` rows reads: its class id, or 0 for a draft of a prior
+        without classes (ValueError when class ids are missing or not one per row)."""
+        if classes is None:
+            if self.config.num_classes != 1:
+                raise ValueError(
+                    "this tree draft knows classes: pass the rows' class ids (classes=)"
+                )
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        if classes.shape != (batch,):
+            raise ValueError(
+                f"classes must be one id per row ({batch}), got {tuple(classes.shape)}"
+            )
+        return classes if self.config.num_classes != 1 else torch.zeros_like(classes)
+
     @staticmethod
     def context_of(codes: Tensor, offsets: list[int], vocab_size: int) -> Tensor:
         """Codes Long[B, N] -> their context Long[B, N, K] (V before the image)."""

@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 # CPU torch first (from the local wheel or the CPU index), then everything else pinned to it,
 # so no second torch with several GB of CUDA packages is ever pulled.
 TORCH_SPEC ?= torch==2.13.0
+# DeepSpeed JIT-builds its CPU shared-memory comm op on first use (~70 s): build it once at setup,
+# into the venv, so no test (and no training run) pays for it
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup browser test test-fast lint demo demo-text demo-seeds demo-text-seeds compare-estimators tokenizer-seeds serve bench bench-gpu clean
 
@@ -17,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/pip install -q -c constraints.txt --no-build-isolation "deepspeed>=0.14"
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1
 	touch $(STAMP)
 
 # the page's browser test drives Debian's headless Chromium (skipped, saying so, without it)

@@ -24,18 +24,15 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from prior.conditioning import Condition
 from sampling.guidance import GuidanceSchedule
 from sampling.logits import SamplingConfig
 from sampling.noise import DRAW, RowNoise, race, uniform
 from sampling.row_settings import RowSettings, guided_distribution
-
-if TYPE_CHECKING:
-    from prior.conditioning import Condition
 
 log = logging.getLogger(__name__)
 COMPILE_CHOICES = ("auto", True, False)
@@ -135,14 +132,22 @@ class DecodeEngine:
             cond = type(cond).cat([cond, uncond])
             if slots is not None:
                 cache_rows = torch.cat([slots, slots + self.rows])
+        if cache_rows is None:  # every slot: fixed shapes, so compiled like a step
+            return self.run("prefill", self._prefill, cond.prefix, cond.mask)
         self.calls += 1
-        if cache_rows is None:
-            logits = self.model.prefill(cond)  # [R or 2R, V]
-        else:
-            logits = self.model.prefill(cond, cache_rows)  # [b or 2b, V]
+        logits = self.model.prefill(cond, cache_rows)  # [b or 2b, V]
+        return self._first_distribution(logits, settings)
+
+    def _first_distribution(self, logits: Tensor, settings: RowSettings) -> Tensor:
+        """Prefill logits [b or 2b, V] -> the distributions of token 0, [b, V]."""
         where = torch.zeros(settings.rows, 1, dtype=torch.long, device=self.device)
         return guided_distribution(logits[:, None], where, settings, guided=self.guided,
                                    filtered=self.filtered)[:, 0]  # fmt: skip
+
+    def _prefill(self, prefix: Tensor, mask: Tensor) -> Tensor:
+        """All slots' conditions (prefix [R or 2R, P, dim], mask) -> token 0's distributions."""
+        logits = self.model.prefill(Condition(prefix, mask))  # [R or 2R, V]
+        return self._first_distribution(logits, self.settings)
 
     # ---- the step --------------------------------------------------------------------------
 

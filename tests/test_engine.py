@@ -3,6 +3,7 @@
 import pytest
 import torch
 from stub_models import perturbed_copy, tiny_prior
+from test_gpt import make as make_gpt
 
 from sampling.autoregressive import generate_ar
 from sampling.engine import DecodeEngine, bucket_rows
@@ -162,7 +163,11 @@ def test_the_step_is_one_graph_without_breaks(guided):
         engine.admit(None, model.condition(class_ids=zeros), model.null_condition(2),
                      RowSettings.build(2, 12, SamplingConfig(), GuidanceSchedule(2.0)),
                      RowNoise.from_seeds([0, 1]))  # fmt: skip
+        cond = model.condition(class_ids=zeros)
+        if guided:
+            cond = type(cond).cat([cond, model.null_condition(2)])
         for fn, args in [
+            (engine._prefill, (cond.prefix, cond.mask)),
             (engine._step, (zeros, zeros)),
             (engine._distributions, (torch.zeros(2, 4, dtype=torch.long), zeros)),
         ]:
@@ -182,6 +187,24 @@ def test_compiled_engine_gives_the_eager_codes():
         for compile in (False, True)
     )
     assert torch.equal(compiled, eager)
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_compiled_prefill_of_a_padded_text_prefix_keeps_its_key_mask():
+    """The compiled prefill stores which prefix keys are padding (a module attribute set inside
+    the graph): later steps must still hide them, so the distributions equal eager ones."""
+    model = make_gpt("text", "2d")
+    cond = model.condition(texts=["a red square", "blue"])  # padded to different lengths
+    assert not bool(cond.mask.all())
+    runs = [
+        generate_ar(model, cond, model.null_condition(2), 6, guidance=GuidanceSchedule(2.0),
+                    noise=RowNoise.from_seeds([4, 5]), compile=compile, compile_mode="trace",
+                    return_probs=True)
+        for compile in (False, True)
+    ]  # fmt: skip
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[1][1], runs[0][1], atol=1e-6, rtol=1e-5)
     torch._dynamo.reset()
 
 

@@ -81,6 +81,17 @@ def interleaved(
     return out
 
 
+def paired_spread(baseline: Timing, candidate: Timing) -> list[float]:
+    """[q25, q75] of the per-round speed-ups baseline / candidate. `interleaved` times both in
+    every round, back to back, so each pair shares the machine's state of that moment: their
+    spread says how much a ratio moves on this machine, which a median alone hides."""
+    ratios = [b / c for b, c in zip(baseline.times, candidate.times, strict=True)]
+    if len(ratios) < 2:
+        return [round(ratios[0], 3)] * 2
+    q25, _, q75 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [round(q25, 3), round(q75, 3)]
+
+
 def device_name(device: str | torch.device) -> str:
     """GPU model name, or the CPU with the number of threads torch uses."""
     if torch.device(device).type == "cuda":

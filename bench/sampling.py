@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from bench.common import Timing, device_name, emit, interleaved  # noqa: E402
+from bench.common import Timing, device_name, emit, interleaved, paired_spread  # noqa: E402
 from bench.sampling_models import HF, Models, build_models, conditions, export  # noqa: E402
 from prior import GPT  # noqa: E402
 from prior.hf_export import llama_input_ids  # noqa: E402
@@ -291,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="also time the compiled engine (AR, speculative, MC-SJD; first call compiles)")  # fmt: skip
     a("--maskgit-batch", type=int, default=16, help="batch of the MaskGIT vs AR setting")
     a("--compile-mode", default="default", help="e.g. reduce-overhead (CUDA graphs) on GPU")
-    a("--repeats", type=int, default=3, help="timed calls per candidate (median)")
+    a("--repeats", type=int, default=12, help="timed rounds (median; spread: per-round ratios)")
     a("--warmup", type=int, default=1, help="untimed calls per candidate first")
     a("--quick", action="store_true", help="one timed repeat; random models get 8x8 codes")
     a("--device", default="cpu", choices=["cpu", "cuda"])
@@ -386,12 +386,13 @@ def fastest_ar(group: dict[str, Timing]) -> Timing:
     return min((group[m] for m in ("ar", "ar_compiled") if m in group), key=lambda t: t.median)
 
 
-def best_lossless(group: dict[str, Timing]) -> tuple[str, float]:
-    """(method, speed-up over our fastest AR) of the fastest exact method of a setting."""
+def best_lossless(group: dict[str, Timing]) -> tuple[str, float, list[float]]:
+    """(method, speed-up over our fastest AR, its per-round [q25, q75]) of the fastest exact
+    method of a setting."""
     base = fastest_ar(group)
     speedups = {m: ratio(base, group[m]) for m in LOSSLESS if m in group}
     name = max(speedups, key=speedups.get)
-    return name, speedups[name]
+    return name, speedups[name], paired_spread(base, group[name])
 
 
 @torch.no_grad()
@@ -576,13 +577,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "note": " ".join(models.notes + ([RANDOM_NOTE] if models.weights == "random" else [])),
         "elapsed_s": round(time.perf_counter() - begin, 1),
     }
-    method_1, best_1 = best_lossless(groups[1, args.cfg])
-    method_b, best_b = best_lossless(groups[big, args.cfg])
+    method_1, best_1, spread_1 = best_lossless(groups[1, args.cfg])
+    method_b, best_b, spread_b = best_lossless(groups[big, args.cfg])
     ar_name = "ar_compiled" if args.compile else "ar"
+    cfg_pair = (groups[1, 1.0][ar_name], groups[1, args.cfg][ar_name])
     report["summary"] = {
         "ar_vs_transformers_b1": ratio(hf_one["transformers"], fastest_ar(hf_one)),
         f"ar_vs_transformers_b{big}": ratio(hf_big["transformers"], fastest_ar(hf_big)),
-        "cfg_overhead_b1": ratio(groups[1, 1.0][ar_name], groups[1, args.cfg][ar_name]),
+        "cfg_overhead_b1": ratio(*cfg_pair),
         "best_lossless_vs_ar_b1": best_1,
         f"best_lossless_vs_ar_b{big}": best_b,
         "best_lossless_method": method_1 if method_1 == method_b else f"{method_1} / {method_b}",
@@ -591,6 +593,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_invariant": batch_invariant(models, args, device)
         if dtype == torch.float32
         else None,
+        "spread_q25_q75": {
+            "ar_vs_transformers_b1": paired_spread(hf_one["transformers"], fastest_ar(hf_one)),
+            f"ar_vs_transformers_b{big}": paired_spread(hf_big["transformers"], fastest_ar(hf_big)),
+            "cfg_overhead_b1": paired_spread(*cfg_pair),
+            "best_lossless_vs_ar_b1": spread_1,
+            f"best_lossless_vs_ar_b{big}": spread_b,
+        },
         "device": report["device"],
         "weights": models.weights,
     }

@@ -24,3 +24,19 @@ def test_call_costs_price_a_round_in_target_steps():
     free, real = (costs[f"tokens_per_round_for_1.5x_{k}"] for k in ("free_draft", "this_draft"))
     assert free == pytest.approx(1.5 * costs["verify_over_step"], abs=0.01)
     assert real > free  # drafting is never free
+
+
+def test_paired_spread_is_the_quartiles_of_per_round_ratios():
+    sys.path.insert(0, str(ROOT))
+    from bench.common import Timing, interleaved, paired_spread
+
+    base, cand = Timing([2.0, 4.0, 6.0, 8.0, 10.0]), Timing([1.0, 1.0, 2.0, 2.0, 5.0])
+    assert paired_spread(base, cand) == [2.0, 4.0]  # ratios 2, 4, 3, 4, 2 -> q25 2, q75 4
+    assert paired_spread(Timing([3.0]), Timing([2.0])) == [1.5, 1.5]
+    with pytest.raises(ValueError):
+        paired_spread(Timing([1.0, 2.0]), Timing([1.0]))  # rounds must pair up
+    calls: list[str] = []
+    timings = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                          repeats=3, warmup=1, device="cpu")  # fmt: skip
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # who goes first rotates
+    assert all(len(t.times) == 3 for t in timings.values())

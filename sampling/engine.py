@@ -10,7 +10,8 @@ Slots: row r's condition lives in cache row r and, under guidance, its unconditi
 row R + r. Per-row state (settings, noise keys) lives in tensors the step reads, so rows with
 different prompts, scales, sampling settings and seeds share a step, and a row's tokens never
 depend on its company. `admit` prefills some slots while the others keep their caches (the
-server's continuous batching); `EngineBatch` drives B rows on a bucket of R >= B slots (the
+server's continuous batching; eager, its row count varies), or every slot (compiled like a step:
+its shapes are fixed per bucket); `EngineBatch` drives B rows on a bucket of R >= B slots (the
 Pipeline and the decoding methods).
 
 Compilation costs tens of seconds per (bucket, token count) on a CPU; the FX graph cache

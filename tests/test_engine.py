@@ -159,15 +159,14 @@ def test_the_step_is_one_graph_without_breaks(guided):
     engine = DecodeEngine(model, rows=2, num_tokens=12, guided=guided, filtered=True,
                           compile=False)  # fmt: skip
     zeros = torch.zeros(2, dtype=torch.long)
+    cond, uncond = model.condition(class_ids=zeros), model.null_condition(2)
     with torch.no_grad():
-        engine.admit(None, model.condition(class_ids=zeros), model.null_condition(2),
+        engine.admit(None, cond, uncond,
                      RowSettings.build(2, 12, SamplingConfig(), GuidanceSchedule(2.0)),
                      RowNoise.from_seeds([0, 1]))  # fmt: skip
-        cond = model.condition(class_ids=zeros)
-        if guided:
-            cond = type(cond).cat([cond, model.null_condition(2)])
+        slots = type(cond).cat([cond, uncond]) if guided else cond  # what the prefill is fed
         for fn, args in [
-            (engine._prefill, (cond.prefix, cond.mask)),
+            (engine._prefill, (slots.prefix, slots.mask)),
             (engine._step, (zeros, zeros)),
             (engine._distributions, (torch.zeros(2, 4, dtype=torch.long), zeros)),
         ]:

@@ -128,6 +128,14 @@ class TreeShape:
             node = self.parents[node]
         return node
 
+    def paths(self) -> list[list[int]]:
+        """[i][d]: the node at depth d on the path root -> node i (node i itself past its depth)."""
+        rows = []
+        for i, depth in enumerate(self.depths):
+            rows.append([self.ancestor(i, depth - d) if d <= depth else i
+                         for d in range(self.max_depth + 1)])  # fmt: skip
+        return rows
+
     def ancestors(self) -> list[list[bool]]:
         """[i][j]: node j is node i or one of its ancestors."""
         rows = []
@@ -158,13 +166,17 @@ def tree_round(
     is committed but not fed. It feeds it as the root at position n - 1."""
     device, rows = out.device, out.shape[0]
     vocab, offsets = draft.config.vocab_size, draft.config.offsets
-    num_tokens, model, keys = engine.num_tokens, engine.model, engine.keys
+    num_tokens, model = engine.num_tokens, engine.model
     parents = torch.tensor(shape.parents, device=device)
     depths = torch.tensor(shape.depths, device=device)
     ranks = torch.tensor(shape.ranks, device=device)
     ancestors = torch.tensor(shape.ancestors(), device=device)
+    path_of = torch.tensor(shape.paths(), device=device)  # [T, D+1]
     top = max(shape.ranks) + 1
     root_pos = n - 1  # [R]
+    steps = torch.arange(shape.max_depth + 1, device=device)
+    # AR's noise at positions n .. n + D, drawn once: the draft ranks by it, the walk races it
+    u = uniform(engine.keys, n[:, None] + steps, DRAW, vocab)  # [R, D+1, V]
     nodes = out.gather(1, root_pos[:, None])  # [R, 1] the root
 
     # draft: level by level, each node is its parent's ranks[i]-th code by q / E at its position
@@ -183,7 +195,7 @@ def tree_round(
         context = torch.stack(columns, dim=-1)  # [R, m, K]
         at = where.clamp(max=num_tokens - 1)[:, None].expand(rows, len(index))  # [R, m]
         q = draft(classes, at, context).softmax(-1)  # [R, m, V]
-        e = -torch.log(uniform(keys, where, DRAW, vocab))  # [R, V] AR's noise there
+        e = -torch.log(u[:, level - 1])  # [R, V]
         order = (q / e[:, None]).topk(top, dim=-1).indices  # [R, m, top]
         pick = order.gather(-1, ranks[index][None, :, None].expand(rows, -1, 1))[..., 0]
         nodes = torch.cat([nodes, pick], dim=1)
@@ -197,32 +209,22 @@ def tree_round(
     probs = guided_distribution(logits, predicts, engine.settings, guided=engine.guided,
                                 filtered=engine.filtered)  # fmt: skip  # [R, T, V]
 
-    # walk: draw each code as AR does; continue while a child of the current node holds it
-    row = torch.arange(rows, device=device)
-    current = torch.zeros(rows, dtype=torch.long, device=device)
-    alive = torch.ones(rows, dtype=torch.bool, device=device)
-    count = torch.zeros(rows, dtype=torch.long, device=device)
-    drawn, path = [], []
-    for level in range(shape.max_depth + 1):
-        code = race(probs[row, current], uniform(keys, n + level, DRAW, vocab))  # [R]
-        drawn.append(code)
-        count = count + alive.long()
-        if level == shape.max_depth:
-            break
-        match = (parents == current[:, None]) & (depths == level + 1) & (nodes == code[:, None])
-        alive = alive & match.any(-1)
-        child = match.long().argmax(-1)  # [R] the node holding the code (siblings differ)
-        path.append(child)
-        current = torch.where(alive, child, current)
-    count = torch.minimum(count, (num_tokens - n).clamp_min(0))
+    # walk, all nodes at once: after each node, draw the code AR draws there; a node is on AR's
+    # path when every node from the root down to it holds the code drawn after its parent
+    drawn = race(probs, u[:, depths])  # [R, T]
+    hit = nodes == drawn.gather(1, parents[None].expand(rows, -1))  # [R, T] (root: its own)
+    hit[:, 0] = True
+    on_path = ~(ancestors & ~hit[:, None, :]).any(-1)  # [R, T]
+    last = torch.where(on_path, depths + 1, 0).argmax(-1)  # [R] the deepest node on the path
+    path = path_of[last]  # [R, D+1] the path's node at each depth (past its end: `last`)
+    count = torch.minimum(depths[last] + 1, (num_tokens - n).clamp_min(0))
 
     # commit the drawn codes, move the matched path's cache entries to their positions
-    steps = torch.arange(shape.max_depth + 1, device=device)
     index = n[:, None] + steps  # [R, D+1]
     keep = steps < count[:, None]
-    out = out.scatter(1, index, torch.where(keep, torch.stack(drawn, 1), out.gather(1, index)))
-    if path:
-        source = root_pos[:, None] + torch.stack(path, 1)  # [R, D] slots of depths 1..D
+    out = out.scatter(1, index, torch.where(keep, drawn.gather(1, path), out.gather(1, index)))
+    if shape.max_depth:
+        source = root_pos[:, None] + path[:, 1:]  # [R, D] slots of depths 1..D
         target = n[:, None] + steps[:-1]  # [R, D] their positions
         if engine.guided:
             source, target = torch.cat([source, source]), torch.cat([target, target])

@@ -84,6 +84,39 @@ def test_cache_path_per_row_lengths(backend):
         )
 
 
+@pytest.mark.parametrize("t", [1, 5, 17])
+def test_compiled_cpu_decode_attention_is_the_fused_math(t, monkeypatch):
+    """Under torch.compile on CPU, a cached call of <= 16 queries takes the fused broadcast form
+    (SDPA's CPU kernel costs more than the arithmetic): same values, same cache writes, masks
+    respected; 17 queries keep SDPA."""
+    import prior.attention as attention_module
+
+    fused = []
+    real = attention_module._fused_decode
+    monkeypatch.setattr(attention_module, "_fused_decode", lambda *a: fused.append(1) or real(*a))
+    b, s, h, d = 3, 24, 2, 8
+    seqlens = torch.tensor([0, 3, 7])
+    mask = torch.rand(b, 1, t, s, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[..., 0] = True  # every query sees a key
+    q, k, v = rand(b, t, h, d, seed=1), rand(b, t, h, d, seed=2), rand(b, t, h, d, seed=3)
+
+    def run(fn):
+        cache = KVCache(b, s, h, d, torch.float32)
+        cache.k.copy_(rand(b, s, h, d, seed=4))
+        cache.v.copy_(rand(b, s, h, d, seed=5))
+        out = fn(q, k, v, causal=True, mask=mask, k_cache=cache.k, v_cache=cache.v,
+                 cache_seqlens=seqlens)  # fmt: skip
+        return out, cache.k, cache.v
+
+    eager = run(attention)
+    assert not fused
+    compiled = run(torch.compile(attention, backend="eager", dynamic=False))
+    assert bool(fused) == (t <= 16)
+    for a, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
 def test_cache_path_with_prefix_mask():
     """A padded prefix key is hidden from all queries except itself."""
     b, s, h, d = 1, 6, 1, 4

@@ -48,6 +48,10 @@ def test_tree_shapes_are_level_ordered_and_greedy():
     assert shape.size == 10 and list(shape.depths) == sorted(shape.depths)
     assert all(p < i for i, p in enumerate(shape.parents) if i)
     assert shape.ancestors()[3][shape.parents[3]] and shape.ancestor(3, shape.depths[3]) == 0
+    for i, path in enumerate(shape.paths()):  # root .. node i, then node i repeated
+        depth = shape.depths[i]
+        assert path[0] == 0 and path[depth:] == [i] * (shape.max_depth + 1 - depth)
+        assert all(shape.parents[path[d + 1]] == path[d] for d in range(depth))
     with pytest.raises(ValueError, match="before it"):
         TreeShape((0, 2, 0), (0, 0, 0))
     with pytest.raises(ValueError, match="same candidate"):

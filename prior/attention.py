@@ -24,6 +24,9 @@ except Exception:  # ImportError, or a broken CUDA build raising at import time
     HAS_FLASH_ATTN = False
 
 BACKENDS = ("auto", "flash", "sdpa", "math")
+# how a compiled CPU decode call (<= 16 queries over a cache) attends: "fused" (`_fused_decode`)
+# or "sdpa" (only for bench/decode_attention.py's side-by-side comparison)
+CPU_COMPILED_DECODE = "fused"
 
 
 def causal_mask(lq: int, lk: int, device: torch.device | None = None) -> Tensor:
@@ -156,7 +159,8 @@ def attention(
     if mask is not None:
         visible = visible & mask
     qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
-    if kind == "sdpa" and not q.is_cuda and t <= 16 and torch.compiler.is_compiling():
+    fused = CPU_COMPILED_DECODE == "fused" and not q.is_cuda and t <= 16
+    if kind == "sdpa" and fused and torch.compiler.is_compiling():
         out = _fused_decode(qt, kt.to(q.dtype), vt.to(q.dtype), visible)
     elif kind == "math":
         out = _math(qt, kt.to(q.dtype), vt.to(q.dtype), visible)

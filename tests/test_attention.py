@@ -115,6 +115,11 @@ def test_compiled_cpu_decode_attention_is_the_fused_math(t, monkeypatch):
     for a, c in zip(eager, compiled, strict=True):
         torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+    fused.clear()  # bench/decode_attention.py's switch back to SDPA
+    monkeypatch.setattr(attention_module, "CPU_COMPILED_DECODE", "sdpa")
+    run(torch.compile(attention, backend="eager", dynamic=False))
+    assert not fused
+    torch._dynamo.reset()
 
 
 def test_cache_path_with_prefix_mask():

@@ -155,8 +155,7 @@ def _tokenizer(seed: int = 0) -> Tokenizer:
 # ---- 2: two runs, one folder ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_second_run_on_a_folder_is_refused_and_the_first_equals_a_lone_run(tmp_path):
-    lone = tmp_path / "lone"
-    toy_process(lone).wait(timeout=120)
+    lone = toy_process(tmp_path / "lone")  # the reference, on the other core meanwhile
     shared, go = tmp_path / "shared", tmp_path / "go"
     first = toy_process(
         shared, env={"TOY_WAIT_AT": "5", "TOY_WAIT_FILE": str(go)}, stdout=subprocess.PIPE
@@ -169,9 +168,9 @@ def test_second_run_on_a_folder_is_refused_and_the_first_equals_a_lone_run(tmp_p
     assert second.returncode != 0
     assert f"in use by another run (pid {first.pid}" in err
     go.touch()
-    assert first.wait(timeout=120) == 0
+    assert first.wait(timeout=120) == 0 and lone.wait(timeout=120) == 0
     last = "checkpoints/step_000012/model.safetensors"
-    assert file_sha256(shared / last) == file_sha256(lone / last)
+    assert file_sha256(shared / last) == file_sha256(tmp_path / "lone" / last)
     assert not (shared / LOCK_FILE).exists()  # released at the end
 
 

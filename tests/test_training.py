@@ -117,18 +117,25 @@ def _losses(out: Path) -> dict[int, tuple[float, float]]:
     }  # a resumed step overwrites the killed run's
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """One uninterrupted 16-step toy run, the reference of every kill point."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "full"
+    full = _run(out, "runtime.max_steps=16")
+    assert full.returncode == 0, full.stderr
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [8, 14])  # mid-epoch, and after an epoch boundary
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, kill_at):
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, kill_at, uninterrupted):
     overrides = ["runtime.max_steps=16"]
-    full = _run(tmp_path / "full", *overrides)
-    assert full.returncode == 0, full.stderr
     killed = _run(tmp_path / "killed", *overrides, env={"TOY_KILL_AT": str(kill_at)})
     assert killed.returncode == -9  # SIGKILL
     resumed = _run(tmp_path / "killed", *overrides, "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
+    a, b = _losses(uninterrupted), _losses(tmp_path / "killed")
     assert sorted(a) == sorted(b) == list(range(1, 17))
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), f"step {step}"

@@ -12,7 +12,8 @@
 3. MaskGIT images/s vs AR images/s for a MaskGIT of the target's size.
 
 Candidates of one setting run round-robin in one process (see bench/common.py); medians and
-their ratios are reported. Greedy speculative, relaxed and Jacobi decoding must reproduce greedy
+their ratios are reported. `cfg_overhead_b1` has a pair of its own (guidance 1 and --cfg timed
+round-robin together), so both sides of that ratio are also measured side by side. Greedy speculative, relaxed and Jacobi decoding must reproduce greedy
 AR, and the export must reproduce our logits and greedy tokens: checked in fp32 before timing.
 
     python bench/sampling.py                  # trained demo models if present, else random; CPU
@@ -486,6 +487,19 @@ def call_costs(models: Models, args, device: torch.device, calls: int = 20) -> d
     }  # fmt: skip
 
 
+def cfg_overhead(models: Models, args, device: torch.device) -> dict[str, Timing]:
+    """Our fastest AR at batch 1 with guidance 1 and with --cfg, interleaved with each other
+    alone (3x --repeats: a cheap pair), so the ratio compares calls made side by side, not
+    calls from two groups timed minutes apart among different company."""
+    name = "ar_compiled" if args.compile else "ar"
+    target, draft = models.target, models.draft
+    fns = {
+        key: candidates(target, draft, 1, scale, [name], models, None, args, device)[name]
+        for key, scale in (("guidance_1", 1.0), ("guidance_cfg", args.cfg))
+    }
+    return interleaved(fns, 3 * args.repeats, args.warmup, device)
+
+
 def describe(model: torch.nn.Module) -> dict[str, Any]:
     cfg = model.config
     return {
@@ -551,6 +565,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ar_vs, assisted = transformers_sections(hf_big, hf_one, models, args, n)
     speculative, maskgit = ours_sections(groups, args, n)
     costs = call_costs(models, args, device)
+    guidance_pair = cfg_overhead(models, args, device)
     cfg = models.target.config
     report = {
         "benchmark": "sampling",
@@ -572,6 +587,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "vs_transformers_assisted": assisted,
         "maskgit_vs_ar": maskgit,
         "call_costs": costs,
+        "cfg_overhead": {
+            "batch": 1,
+            "method": "ar_compiled" if args.compile else "ar",
+            "guidance": args.cfg,
+            **{key: summary(t, None, 1, n) for key, t in guidance_pair.items()},
+        },  # fmt: skip
         "tree_draft_ranks": tree_draft_ranks(models, args, device) if models.tree_draft else None,
         "ratios": "speedup = baseline median time / candidate median time (> 1: candidate faster)",
         "note": " ".join(models.notes + ([RANDOM_NOTE] if models.weights == "random" else [])),
@@ -579,11 +600,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     method_1, best_1, spread_1 = best_lossless(groups[1, args.cfg])
     method_b, best_b, spread_b = best_lossless(groups[big, args.cfg])
-    ar_name = "ar_compiled" if args.compile else "ar"
     pairs = {  # headline key -> (baseline, candidate)
         "ar_vs_transformers_b1": (hf_one["transformers"], fastest_ar(hf_one)),
         f"ar_vs_transformers_b{big}": (hf_big["transformers"], fastest_ar(hf_big)),
-        "cfg_overhead_b1": (groups[1, 1.0][ar_name], groups[1, args.cfg][ar_name]),
+        "cfg_overhead_b1": (guidance_pair["guidance_1"], guidance_pair["guidance_cfg"]),
     }
     report["summary"] = {
         **{key: ratio(*pair) for key, pair in pairs.items()},

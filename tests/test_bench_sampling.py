@@ -40,3 +40,23 @@ def test_paired_spread_is_the_quartiles_of_per_round_ratios():
                           repeats=3, warmup=1, device="cpu")  # fmt: skip
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # who goes first rotates
     assert all(len(t.times) == 3 for t in timings.values())
+
+
+@pytest.mark.slow
+def test_whole_benchmark_prints_every_headline_key_and_times_cfg_side_by_side():
+    cmd = [sys.executable, str(ROOT / "bench" / "sampling.py"), "--random", "--quick",
+           "--no-compile", "--target-dim", "32", "--target-layers", "2", "--draft-dim", "16",
+           "--draft-layers", "1", "--vocab", "64"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    keys = ["ar_vs_transformers_b1", "ar_vs_transformers_b8", "cfg_overhead_b1",
+            "best_lossless_vs_ar_b1", "best_lossless_vs_ar_b8", "maskgit_vs_ar_b16"]  # fmt: skip
+    assert all(summary[k] > 0 for k in keys)
+    assert summary["batch_invariant"] is True and summary["best_lossless_method"]
+    report = json.loads("\n".join(lines[:-1]))
+    pair = report["cfg_overhead"]  # its own round-robin pair: guidance 1 beside --cfg
+    assert pair["method"] == "ar" and pair["guidance"] == 3.0
+    ratio = pair["guidance_1"]["median_s"] / pair["guidance_cfg"]["median_s"]
+    assert summary["cfg_overhead_b1"] == pytest.approx(ratio, abs=0.05)  # medians are rounded

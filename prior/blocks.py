@@ -40,9 +40,14 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.fused_weight: Tensor | None = None  # [w1; w3], set by prior/fused_projections.py
+        self.fusion = None  # its switch: the fused weight is used while fusion.on
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+        if self.fusion is None or not self.fusion.on:
+            return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+        gate, up = nn.functional.linear(x, self.fused_weight).chunk(2, dim=-1)
+        return self.w2(nn.functional.silu(gate) * up)
 
 
 class SelfAttention(nn.Module):
@@ -57,6 +62,18 @@ class SelfAttention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self.fused_weight: Tensor | None = None  # [wq; wk; wv], set by prior/fused_projections.py
+        self.fusion = None  # its switch: the fused weight is used while fusion.on
+
+    def projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [b, l, dim] -> q, k, v [b, l, h, d]: one matmul when the fused weight is on."""
+        if self.fusion is None or not self.fusion.on:
+            return tuple(
+                rearrange(w(x), "b l (h d) -> b l h d", h=self.n_heads)
+                for w in (self.wq, self.wk, self.wv)
+            )
+        qkv = nn.functional.linear(x, self.fused_weight)
+        return rearrange(qkv, "b l (three h d) -> three b l h d", three=3, h=self.n_heads).unbind(0)
 
     def forward(
         self,
@@ -68,10 +85,7 @@ class SelfAttention(nn.Module):
         cache_seqlens: Tensor | None,
         cache_rows: Tensor | None = None,
     ) -> Tensor:
-        q, k, v = (
-            rearrange(w(x), "b l (h d) -> b l h d", h=self.n_heads)
-            for w in (self.wq, self.wk, self.wv)
-        )
+        q, k, v = self.projections(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_seqlens is None:
             out = attention(q, k, v, causal=causal, mask=mask)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from prior.conditioning import Condition
+from prior.fused_projections import fused_projections
 from sampling.guidance import GuidanceSchedule
 from sampling.logits import SamplingConfig
 from sampling.noise import DRAW, RowNoise, race, uniform
@@ -97,6 +98,7 @@ class DecodeEngine:
         else:
             model.setup_caches(cache_rows, num_tokens)
         self._caches = model.cache_state()
+        self.fused = fused_projections(model)  # q/k/v and gate/up as one matmul each
         self.settings = RowSettings.build(
             rows, num_tokens, SamplingConfig(), GuidanceSchedule(), self.device
         )
@@ -107,7 +109,9 @@ class DecodeEngine:
     # ---- state -----------------------------------------------------------------------------
 
     def _attach(self) -> None:
-        """Give the model this engine's caches (another engine may have used the model)."""
+        """Give the model this engine's caches (another engine may have used the model), and
+        bring the fused projections up to date with the weights (a no-op when unchanged)."""
+        self.fused.refresh()
         if getattr(self.model, "_engine_owner", None) is not self:
             self.model.restore_cache_state(self._caches)
             self.model._engine_owner = self
@@ -136,7 +140,8 @@ class DecodeEngine:
         if cache_rows is None:  # every slot: fixed shapes, so compiled like a step
             return self.run("prefill", self._prefill, cond.prefix, cond.mask)
         self.calls += 1
-        logits = self.model.prefill(cond, cache_rows)  # [b or 2b, V]
+        with self.fused.active():
+            logits = self.model.prefill(cond, cache_rows)  # [b or 2b, V]
         return self._first_distribution(logits, settings)
 
     def _first_distribution(self, logits: Tensor, settings: RowSettings) -> Tensor:
@@ -177,16 +182,19 @@ class DecodeEngine:
         self._attach()
         self.calls += 1
         if not self.compiled:
-            return fn(*args)
+            with self.fused.active():
+                return fn(*args)
         if name not in self._compiled:
             self._compiled[name] = compiled(fn, self.compile_mode)
         key = (name,) + tuple(a.shape for a in args)
         if key in self._warm:
-            return self._compiled[name](*args)
+            with self.fused.active():
+                return self._compiled[name](*args)
         start = time.perf_counter()
         log.info("compiling the %s step for %d rows (first call; cached for later runs)",
                  name, self.rows)  # fmt: skip
-        out = self._compiled[name](*args)
+        with self.fused.active():
+            out = self._compiled[name](*args)
         self._warm.add(key)
         log.info("compiled the %s step %s in %.1f s", name, key[1:], time.perf_counter() - start)
         return out

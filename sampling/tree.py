@@ -11,10 +11,11 @@ code has no node. A round commits 1 + (matched depth) codes, all of them the cod
 have drawn: no accept test, no residual, nothing to prove beyond "the same p, the same noise".
 
 Because E is known, the draft (sampling/tree_draft.py) ranks candidates by q / E, the race
-it predicts, not by q: on the digits demo at guidance 3 its first candidate is AR's code 66 %
-of the time (33 % ranked by q; `bench/sampling.py --tree-draft-ranks-only`). The tree's shape is fixed (`TreeShape.build`: the nodes with the largest
-chance of lying on the path, from a rank profile), so the whole round, draft, tree pass, CFG,
-walk and cache moves, is one compiled graph with static shapes. The accepted path's keys and
+it predicts, not by q: on the digits demo at guidance 3 its first candidate is AR's code 73 %
+of the time (33 % ranked by q; `bench/sampling.py --tree-draft-ranks-only`). The tree's shape
+is fixed (`TreeShape.build`: the nodes with the largest chance of lying on the path, from a
+rank profile), so the whole round, draft, tree pass, CFG, walk and cache moves, is one
+compiled graph with static shapes. The accepted path's keys and
 values are moved from their scratch slots to their positions; the rest is never read again.
 """
 
@@ -42,8 +43,9 @@ if TYPE_CHECKING:
     from sampling.tree_draft import TreeDraft
 
 # chance that AR's code is the draft's k-th candidate (k = 1..6), measured with the digits
-# demo's distilled draft at guidance 3; only the tree's shape depends on it
-DEFAULT_RANK_PROBS = (0.6, 0.18, 0.08, 0.04, 0.025, 0.015)
+# demo's distilled draft at guidance 3 (k = 1..4; 5 and 6 extrapolated); only the tree's
+# shape depends on it
+DEFAULT_RANK_PROBS = (0.73, 0.15, 0.06, 0.025, 0.015, 0.01)
 
 
 def _depths(parents: list[int] | tuple[int, ...]) -> tuple[int, ...]:

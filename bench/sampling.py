@@ -13,8 +13,9 @@
 
 Candidates of one setting run round-robin in one process (see bench/common.py); medians and
 their ratios are reported. `cfg_overhead_b1` has a pair of its own (guidance 1 and --cfg timed
-round-robin together), so both sides of that ratio are also measured side by side. Greedy speculative, relaxed and Jacobi decoding must reproduce greedy
-AR, and the export must reproduce our logits and greedy tokens: checked in fp32 before timing.
+round-robin together), so both sides of that ratio are also measured side by side. Greedy
+speculative, relaxed and Jacobi decoding must reproduce greedy AR, and the export must
+reproduce our logits and greedy tokens: checked in fp32 before timing.
 
     python bench/sampling.py                  # trained demo models if present, else random; CPU
     python bench/sampling.py --quick          # seconds: 8x8 tokens, one timed repeat
@@ -487,11 +488,10 @@ def call_costs(models: Models, args, device: torch.device, calls: int = 20) -> d
     }  # fmt: skip
 
 
-def cfg_overhead(models: Models, args, device: torch.device) -> dict[str, Timing]:
-    """Our fastest AR at batch 1 with guidance 1 and with --cfg, interleaved with each other
+def cfg_overhead(models: Models, name: str, args, device: torch.device) -> dict[str, Timing]:
+    """AR method `name` at batch 1 with guidance 1 and with --cfg, interleaved with each other
     alone (3x --repeats: a cheap pair), so the ratio compares calls made side by side, not
     calls from two groups timed minutes apart among different company."""
-    name = "ar_compiled" if args.compile else "ar"
     target, draft = models.target, models.draft
     fns = {
         key: candidates(target, draft, 1, scale, [name], models, None, args, device)[name]
@@ -565,7 +565,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ar_vs, assisted = transformers_sections(hf_big, hf_one, models, args, n)
     speculative, maskgit = ours_sections(groups, args, n)
     costs = call_costs(models, args, device)
-    guidance_pair = cfg_overhead(models, args, device)
+    ar_name = "ar_compiled" if args.compile else "ar"
+    guidance_pair = cfg_overhead(models, ar_name, args, device)
     cfg = models.target.config
     report = {
         "benchmark": "sampling",
@@ -589,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "call_costs": costs,
         "cfg_overhead": {
             "batch": 1,
-            "method": "ar_compiled" if args.compile else "ar",
+            "method": ar_name,
             "guidance": args.cfg,
             **{key: summary(t, None, 1, n) for key, t in guidance_pair.items()},
         },  # fmt: skip

@@ -181,20 +181,22 @@ class DecodeEngine:
         given a name is the one compiled, so a name must stand for one computation."""
         self._attach()
         self.calls += 1
+        with self.fused.active():
+            return self._call(name, fn, *args)
+
+    def _call(self, name: str, fn: Callable, *args: Tensor) -> Tensor:
+        """`run`'s body: fn(*args) eager, or its compiled graph (compiling it on first use)."""
         if not self.compiled:
-            with self.fused.active():
-                return fn(*args)
+            return fn(*args)
         if name not in self._compiled:
             self._compiled[name] = compiled(fn, self.compile_mode)
         key = (name,) + tuple(a.shape for a in args)
         if key in self._warm:
-            with self.fused.active():
-                return self._compiled[name](*args)
+            return self._compiled[name](*args)
         start = time.perf_counter()
         log.info("compiling the %s step for %d rows (first call; cached for later runs)",
                  name, self.rows)  # fmt: skip
-        with self.fused.active():
-            out = self._compiled[name](*args)
+        out = self._compiled[name](*args)
         self._warm.add(key)
         log.info("compiled the %s step %s in %.1f s", name, key[1:], time.perf_counter() - start)
         return out

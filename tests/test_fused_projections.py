@@ -67,10 +67,9 @@ def test_engine_never_samples_with_stale_weights():
     model = tiny_prior("gpt", vocab=16, sharpen=3.0)
     guidance, noise = GuidanceSchedule(2.0), RowNoise.from_seeds([4, 5, 6])
     first = generate_ar(model, *conditions(model), 12, guidance=guidance, noise=noise)
-    with torch.no_grad():
-        for m in fused_projections(model).modules:
-            for p in (m.wq.weight, m.wv.weight) if isinstance(m, SelfAttention) else (m.w3.weight,):
-                p.mul_(-3.0)
+    for m in fused_projections(model).modules:
+        for p in (m.wq.weight, m.wv.weight) if isinstance(m, SelfAttention) else (m.w3.weight,):
+            p.mul_(-3.0)
     fresh = copy.deepcopy(model)
     again = generate_ar(model, *conditions(model), 12, guidance=guidance, noise=noise)
     reference = generate_ar(fresh, *conditions(fresh), 12, guidance=guidance, noise=noise)

@@ -211,6 +211,11 @@ def test_shutdown_finishes_rows_in_flight_and_refuses_new_work(pipe):
         running = pool.submit(s.post, prompt="one", n=16, seed=0)
         while not s.scheduler.rows_in_flight:
             time.sleep(0.002)
+        # from here until stop() no row joins a slot: otherwise the short second job could take
+        # the slot between two rows of the first and be started (so kept) before stop(), a race
+        # the test lost on a fast machine; stop() stops admitting under the loop's lock
+        take = s.scheduler._take_free_slots
+        s.scheduler._take_free_slots = lambda: [] if s.scheduler.admitting else take()
         queued = pool.submit(s.post, prompt="two", n=2, seed=0)
         while s.scheduler.queued_rows < 16:  # the second job is queued, no slot free yet
             time.sleep(0.002)

@@ -84,6 +84,11 @@ class TreeShape:
     def build(cls, size: int, rank_probs: tuple[float, ...] = DEFAULT_RANK_PROBS) -> TreeShape:
         """The `size` non-root nodes with the largest chance of lying on AR's path (the product
         of rank_probs along the path): greedy, so every prefix of the choice is a tree."""
+        return cls._build(size, tuple(rank_probs))
+
+    @classmethod
+    @functools.lru_cache(maxsize=64)  # shapes are immutable; a batch-1 call should not rebuild one
+    def _build(cls, size: int, rank_probs: tuple[float, ...]) -> TreeShape:
         if size < 0:
             raise ValueError(f"tree size must be >= 0, got {size}")
         if not rank_probs or not all(0 < r <= 1 for r in rank_probs):
@@ -123,6 +128,12 @@ class TreeShape:
     @property
     def max_depth(self) -> int:
         return max(self.depths)
+
+    @property
+    def is_chain(self) -> bool:
+        """Every node is its parent's best candidate and the only child: node i sits in the
+        cache slot of its own position, so an accepted path needs no cache moves."""
+        return all(p == i - 1 for i, p in enumerate(self.parents) if i) and not any(self.ranks)
 
     def ancestor(self, node: int, k: int) -> int:
         """The node k levels above `node` (k <= its depth; the root is depth 0)."""
@@ -196,10 +207,13 @@ def tree_round(
                 columns.append(code.expand(rows, len(index)))
         context = torch.stack(columns, dim=-1)  # [R, m, K]
         at = where.clamp(max=num_tokens - 1)[:, None].expand(rows, len(index))  # [R, m]
-        q = draft(classes, at, context).softmax(-1)  # [R, m, V]
+        q = draft.round_logits(classes, at, context).softmax(-1)  # [R, m, V]
         e = -torch.log(u[:, level - 1])  # [R, V]
-        order = (q / e[:, None]).topk(top, dim=-1).indices  # [R, m, top]
-        pick = order.gather(-1, ranks[index][None, :, None].expand(rows, -1, 1))[..., 0]
+        if top == 1:  # every node is its parent's best: a fused argmax, no top-k call
+            pick = (q / e[:, None]).argmax(-1)  # [R, m]
+        else:
+            order = (q / e[:, None]).topk(top, dim=-1).indices  # [R, m, top]
+            pick = order.gather(-1, ranks[index][None, :, None].expand(rows, -1, 1))[..., 0]
         nodes = torch.cat([nodes, pick], dim=1)
 
     # one target pass over the tree (both CFG halves), distributions after every node
@@ -225,7 +239,7 @@ def tree_round(
     index = n[:, None] + steps  # [R, D+1]
     keep = steps < count[:, None]
     out = out.scatter(1, index, torch.where(keep, drawn.gather(1, path), out.gather(1, index)))
-    if shape.max_depth:
+    if shape.max_depth and not shape.is_chain:  # a chain's nodes already sit at their positions
         source = root_pos[:, None] + path[:, 1:]  # [R, D] slots of depths 1..D
         target = n[:, None] + steps[:-1]  # [R, D] their positions
         if engine.guided:

@@ -9,7 +9,8 @@ left, above-right, above, above-left on the code grid), sums their embeddings an
 through a two-layer MLP to logits. It is fitted to the target's guided distributions p on
 samples the target drew itself (soft cross-entropy, i.e. KL(p || q)), so it predicts what the
 target does under that guidance, not what the data does. A round calls it once per tree level,
-a few microseconds of arithmetic in the same compiled graph. Exactness never depends on it
+a few microseconds of arithmetic in the same compiled graph (`round_logits`: its matrix
+products as fused loops, not library calls). Exactness never depends on it
 (sampling/tree.py only uses its ranking to choose candidates).
 """
 
@@ -87,6 +88,19 @@ class TreeDraft(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
         V where the position is before the image) -> logits [R, m, V]."""
         where = classes[:, None] * self.config.num_tokens + positions  # [R, m]
         return self.mlp(self.where(where) + self.context(context + self.shift).sum(-2))
+
+    def round_logits(self, classes: Tensor, positions: Tensor, context: Tensor) -> Tensor:
+        """`forward` for a tree round's few rows: each Linear as a broadcast multiply-sum, which
+        the compiled round fuses into its own loops. A round drafts one to a few dozen rows,
+        where two GEMM library calls per level cost more in launch than in arithmetic."""
+        where = classes[:, None] * self.config.num_tokens + positions  # [R, m]
+        x = self.where(where) + self.context(context + self.shift).sum(-2)  # [R, m, dim]
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):  # [R, m, in] x [out, in] -> [R, m, out]
+                x = (x[..., None, :] * layer.weight).sum(-1) + layer.bias
+            else:
+                x = layer(x)
+        return x
 
     def check_fits(self, *, vocab_size: int, num_tokens: int, num_classes: int | None) -> None:
         """ValueError naming the mismatch when this draft was distilled for another prior."""

@@ -52,6 +52,9 @@ def test_tree_shapes_are_level_ordered_and_greedy():
         depth = shape.depths[i]
         assert path[0] == 0 and path[depth:] == [i] * (shape.max_depth + 1 - depth)
         assert all(shape.parents[path[d + 1]] == path[d] for d in range(depth))
+    assert chain.is_chain and not bush.is_chain and TreeShape((0,), (0,)).is_chain
+    assert not TreeShape((0, 0, 1), (0, 1, 0)).is_chain  # one child, but not the best candidate
+    assert TreeShape.build(3, rank_probs=[0.9, 0.05]) is chain  # built once, lists accepted
     with pytest.raises(ValueError, match="before it"):
         TreeShape((0, 2, 0), (0, 0, 0))
     with pytest.raises(ValueError, match="same candidate"):
@@ -99,6 +102,42 @@ def test_tree_decoding_draws_exactly_the_ar_codes(draft_kind, size, scale, sampl
                              N, draft, ids[3:4], size, sampling, guidance,
                              noise=noise.select(torch.tensor([3])))  # fmt: skip
     assert torch.equal(alone[0], ar[3])
+
+
+@torch.no_grad()
+def test_the_rounds_fused_draft_equals_its_forward():
+    """The round's multiply-sum draft is the same function as the GEMM forward (training's)."""
+    _, random, distilled = models()
+    classes, positions = torch.tensor([0, 2]), torch.tensor([[1, 5, 11], [3, 3, 7]])
+    context = torch.randint(0, V + 1, (2, 3, len(distilled.config.offsets)))
+    for draft in (random, distilled):
+        fused = draft.round_logits(classes, positions, context)
+        torch.testing.assert_close(fused, draft(classes, positions, context), atol=1e-5, rtol=1e-5)
+
+
+def test_a_chain_needs_no_cache_moves_and_a_bush_does(monkeypatch):
+    """A chain's node i is cached in its own position's slot, so its round skips the moves
+    (and stays exact); a bushy tree's round must move (the negative control below)."""
+    model, _, distilled = models()
+    cond, uncond, ids = conditions(model, [0, 1, 2, 0])
+    noise, guidance = RowNoise.from_seeds(list(range(4))), GuidanceSchedule(3.0)
+    moves, original = [], GPT.move_positions
+
+    def counted(self, source, target):
+        moves.append(1)
+        original(self, source, target)
+
+    monkeypatch.setattr(GPT, "move_positions", counted)
+    ar = generate_ar(model, cond, uncond, N, guidance=guidance, noise=noise)
+    chain, stats = generate_tree(model, cond, uncond, N, distilled, ids, 4, guidance=guidance,
+                                 noise=noise)  # fmt: skip
+    assert TreeShape.build(4).is_chain and not moves and torch.equal(chain, ar)
+    rounds = stats.drafted // 4  # rounds of running rows (4 nodes each)
+    assert stats.accepted > rounds  # more than one node per round: deeper paths were kept
+    bush = TreeShape.build(3, rank_probs=(0.3, 0.3, 0.3))
+    tree, _ = generate_tree(model, cond, uncond, N, distilled, ids, guidance=guidance, shape=bush,
+                            noise=noise)  # fmt: skip
+    assert moves and torch.equal(tree, ar)
 
 
 def test_a_distilled_draft_commits_more_codes_per_pass():

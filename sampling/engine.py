@@ -48,10 +48,24 @@ def wants_compile(compile: bool | str, device: torch.device) -> bool:
     return device.type == "cuda" if compile == "auto" else bool(compile)
 
 
+def own_code(fn: Callable, name: str) -> Callable:
+    """fn behind a trampoline with a code object of its own. Dynamo keeps compiled graphs per
+    code object and tries their guards in turn on every call, so engines whose functions share
+    one (`DecodeEngine._step` for every bucket, model and draft; `tree_round` for every tree
+    shape) would each pay for the guards of the others' graphs."""
+
+    def call(*args: Tensor) -> Tensor:
+        return fn(*args)
+
+    label = "engine_" + "".join(c if c.isalnum() else "_" for c in name)
+    call.__code__ = call.__code__.replace(co_name=label, co_qualname=label)
+    return call
+
+
 def compiled(fn: Callable, mode: str) -> Callable:
     """torch.compile(fn) with static shapes. mode "reduce-overhead" adds CUDA graphs;
     "trace" only traces with dynamo (no code generation: seconds, for smoke tests)."""
-    # every engine shares one code object: room for each (engine, bucket, length) entry
+    # callers give each engine's function a code object of its own (own_code); room to spare
     limit = torch._dynamo.config.cache_size_limit
     torch._dynamo.config.cache_size_limit = max(limit, 64)
     torch._dynamo.config.accumulated_cache_size_limit = max(
@@ -189,7 +203,7 @@ class DecodeEngine:
         if not self.compiled:
             return fn(*args)
         if name not in self._compiled:
-            self._compiled[name] = compiled(fn, self.compile_mode)
+            self._compiled[name] = compiled(own_code(fn, name), self.compile_mode)
         key = (name,) + tuple(a.shape for a in args)
         if key in self._warm:
             return self._compiled[name](*args)

@@ -207,6 +207,30 @@ def test_compiled_prefill_of_a_padded_text_prefix_keeps_its_key_mask():
     torch._dynamo.reset()
 
 
+@torch.no_grad()
+def test_each_engine_keeps_its_graphs_on_a_code_object_of_its_own():
+    """Dynamo tries the guards of every graph kept on a code object in turn, on every call: two
+    buckets of one model must not share `DecodeEngine._step`'s, or each step pays for both."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as cache_entries
+
+    model, _ = models()
+    torch._dynamo.reset()
+    steps = []
+    for rows in (1, 2):
+        cond, uncond = model.condition(class_ids=torch.arange(rows)), model.null_condition(rows)
+        engine = DecodeEngine(model, rows=rows, num_tokens=12, guided=True, compile=True,
+                              compile_mode="trace")  # fmt: skip
+        settings = RowSettings.build(rows, 12, SamplingConfig(), GuidanceSchedule(3.0),
+                                     torch.device("cpu"))  # fmt: skip
+        engine.admit(None, cond, uncond, settings, RowNoise.from_seeds(list(range(rows))))
+        engine.warm_up()
+        steps.append(engine._compiled["step"]._torchdynamo_orig_callable.__code__)
+    assert steps[0] is not steps[1] and "step" in steps[0].co_name
+    assert [len(cache_entries(code)) for code in steps] == [1, 1]
+    assert not cache_entries(DecodeEngine._step.__code__)
+    torch._dynamo.reset()
+
+
 def test_buckets_and_uniform_helper():
     assert [bucket_rows(r, True) for r in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
     assert bucket_rows(5, False) == 5

@@ -58,7 +58,10 @@ def own_code(fn: Callable, name: str) -> Callable:
         return fn(*args)
 
     label = "engine_" + "".join(c if c.isalnum() else "_" for c in name)
-    call.__code__ = call.__code__.replace(co_name=label, co_qualname=label)
+    names = {"co_name": label}
+    if hasattr(call.__code__, "co_qualname"):  # Python >= 3.11
+        names["co_qualname"] = label
+    call.__code__ = call.__code__.replace(**names)
     return call
 
 

@@ -86,15 +86,18 @@ class TreeDraft(nn.Module, SafetensorsConfigMixin, PyTorchModelHubMixin):
     def forward(self, classes: Tensor, positions: Tensor, context: Tensor) -> Tensor:
         """classes Long[R], positions Long[R, m], context Long[R, m, K] (codes at the offsets,
         V where the position is before the image) -> logits [R, m, V]."""
+        return self.mlp(self._inputs(classes, positions, context))
+
+    def _inputs(self, classes: Tensor, positions: Tensor, context: Tensor) -> Tensor:
+        """The MLP's input [R, m, dim]: the (class, position) and neighbour-code embeddings."""
         where = classes[:, None] * self.config.num_tokens + positions  # [R, m]
-        return self.mlp(self.where(where) + self.context(context + self.shift).sum(-2))
+        return self.where(where) + self.context(context + self.shift).sum(-2)
 
     def round_logits(self, classes: Tensor, positions: Tensor, context: Tensor) -> Tensor:
         """`forward` for a tree round's few rows: each Linear as a broadcast multiply-sum, which
         the compiled round fuses into its own loops. A round drafts one to a few dozen rows,
         where two GEMM library calls per level cost more in launch than in arithmetic."""
-        where = classes[:, None] * self.config.num_tokens + positions  # [R, m]
-        x = self.where(where) + self.context(context + self.shift).sum(-2)  # [R, m, dim]
+        x = self._inputs(classes, positions, context)  # [R, m, dim]
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):  # [R, m, in] x [out, in] -> [R, m, out]
                 x = (x[..., None, :] * layer.weight).sum(-1) + layer.bias

@@ -34,6 +34,7 @@ for entry in [p for p in sys.path if Path(p or ".").resolve() == ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
@@ -60,10 +61,11 @@ from sampling import (  # noqa: E402
     generate_speculative,
     generate_tree,
 )
-from sampling.engine import engine_for  # noqa: E402
+from sampling.engine import EngineBatch, engine_for  # noqa: E402
 from sampling.generate import DecodeOptions, generate_codes  # noqa: E402
 from sampling.noise import DRAW  # noqa: E402
 from sampling.row_settings import RowSettings  # noqa: E402
+from sampling.tree import TreeShape, tree_round  # noqa: E402
 from sampling.tree_draft import TreeDraft  # noqa: E402
 
 RANDOM_NOTE = (
@@ -488,6 +490,66 @@ def call_costs(models: Models, args, device: torch.device, calls: int = 20) -> d
     }  # fmt: skip
 
 
+def tree_round_costs(
+    models: Models,
+    groups: dict[tuple[int, float], dict[str, Timing]],
+    args,
+    device: torch.device,
+    calls: int = 20,
+) -> dict[str, Any]:
+    """A tree round's price in AR steps at batch 1 and --batch (guidance --cfg, each tree size
+    timed): alone (the engine's round and step called back to back, nothing else in between)
+    and inside generation (a generation's median time per target call over AR's per step, from
+    the speculative groups). A tree beats AR when its tokens per call exceed the price it pays
+    in generation; the gap between the two prices is what a round costs outside its graph."""
+    target, n = models.target, models.target.config.seq_len
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k)
+    report: dict[str, Any] = {"guidance": args.cfg, "compiled": args.compile}
+    for batch in (1, args.batch):
+        settings = RowSettings.build(batch, n, sampling, GuidanceSchedule(args.cfg), device)
+        cond, uncond, ids = conditions(target, batch)
+        ids = torch.zeros(batch, dtype=torch.long, device=device) if ids is None else ids
+        noise = RowNoise.from_seeds(list(range(batch)), device=device)
+        fns: dict[str, Callable[[], Any]] = {}
+        for label, size in (("tree", args.tree_size), ("tree_small", args.tree_size_small)):
+            shape = TreeShape.build(size)
+            rows = EngineBatch(target, cond, uncond, settings, noise, num_tokens=n,
+                               compile=args.compile, scratch=shape.size)  # fmt: skip
+            rows.prefill()
+            out = torch.zeros(batch, n + shape.max_depth + 1, dtype=torch.long, device=device)
+            at = torch.full((batch,), n // 2, dtype=torch.long, device=device)
+            args_ = tuple(rows.padded(x) for x in (out, at, ids))
+            name = f"tree {id(models.tree_draft)} {shape.parents} {shape.ranks}"  # generation's
+            step = functools.partial(tree_round, rows.engine, shape, models.tree_draft)
+            fns[label] = lambda r=rows, s=step, a=args_, k=name: [
+                r.run(k, s, *a) for _ in range(calls)
+            ]
+        ar = EngineBatch(
+            target, cond, uncond, settings, noise, num_tokens=n, compile=args.compile
+        )  # generate_ar's engine: the price unit
+        ar.prefill()
+        tokens = torch.zeros(batch, dtype=torch.long, device=device)
+        where = torch.full((batch,), n // 2, dtype=torch.long, device=device)
+        fns["ar_step"] = lambda r=ar, t=tokens, w=where: [r.step(t, w) for _ in range(calls)]
+        timings = interleaved(fns, args.repeats, args.warmup, device)
+        group = groups[batch, args.cfg]
+        ar_per_step = fastest_ar(group).median / n  # a prefill and N - 1 steps: N calls
+        entry: dict[str, Any] = {}
+        for label, size in (("tree", args.tree_size), ("tree_small", args.tree_size_small)):
+            stats = group[label].results
+            calls_per_generation = sum(st.target_calls for st in stats) / len(stats)
+            entry[label] = {
+                "nodes": size,
+                "alone_round_over_step": round(
+                    timings[label].median / timings["ar_step"].median, 3),
+                "in_generation_call_over_step": round(
+                    group[label].median / calls_per_generation / ar_per_step, 3),
+                "tokens_per_call": round(n / calls_per_generation, 3),
+            }  # fmt: skip
+        report[f"batch_{batch}"] = entry
+    return report
+
+
 def cfg_overhead(models: Models, name: str, args, device: torch.device) -> dict[str, Timing]:
     """AR method `name` at batch 1 with guidance 1 and with --cfg, interleaved with each other
     alone (3x --repeats: a cheap pair), so the ratio compares calls made side by side, not
@@ -565,6 +627,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ar_vs, assisted = transformers_sections(hf_big, hf_one, models, args, n)
     speculative, maskgit = ours_sections(groups, args, n)
     costs = call_costs(models, args, device)
+    round_costs = (tree_round_costs(models, groups, args, device)
+                   if models.tree_draft is not None else None)  # fmt: skip
     ar_name = "ar_compiled" if args.compile else "ar"
     guidance_pair = cfg_overhead(models, ar_name, args, device)
     cfg = models.target.config
@@ -588,6 +652,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "vs_transformers_assisted": assisted,
         "maskgit_vs_ar": maskgit,
         "call_costs": costs,
+        "tree_round_costs": round_costs,
         "cfg_overhead": {
             "batch": 1,
             "method": ar_name,

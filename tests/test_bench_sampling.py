@@ -50,3 +50,14 @@ def test_whole_benchmark_prints_every_headline_key_and_times_cfg_side_by_side():
     free, real = (costs[f"tokens_per_round_for_1.5x_{k}"] for k in ("free_draft", "this_draft"))
     assert free == pytest.approx(1.5 * costs["verify_over_step"], abs=0.01)
     assert real > free  # drafting is never free
+    trees = report["tree_round_costs"]  # a tree round priced in AR steps, alone and in generation
+    spec = report["speculative"]
+    n, big = report["tokens"]["num_tokens"], report["settings"]["batch"]
+    for batch in (1, big):
+        for label, nodes in (("tree", 4), ("tree_small", 2)):
+            entry = trees[f"batch_{batch}"][label]
+            assert entry["nodes"] == nodes
+            assert entry["alone_round_over_step"] > 0 and entry["in_generation_call_over_step"] > 0
+            timed = spec[f"batch_{batch}"]["cfg_3"][label]  # the same generations' call count
+            assert entry["tokens_per_call"] == pytest.approx(n / timed["target_calls"], rel=0.01)
+            assert 1 <= entry["tokens_per_call"] <= nodes + 1  # at most every node plus one

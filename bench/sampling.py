@@ -518,7 +518,8 @@ def tree_round_costs(
             rows.prefill()
             out = torch.zeros(batch, n + shape.max_depth + 1, dtype=torch.long, device=device)
             at = torch.full((batch,), n // 2, dtype=torch.long, device=device)
-            args_ = tuple(rows.padded(x) for x in (out, at, ids))
+            rounds = torch.zeros(batch, dtype=torch.long, device=device)
+            args_ = tuple(rows.padded(x) for x in (out, at, ids, rounds))
             name = f"tree {id(models.tree_draft)} {shape.parents} {shape.ranks}"  # generation's
             step = functools.partial(tree_round, rows.engine, shape, models.tree_draft)
             fns[label] = lambda r=rows, s=step, a=args_, k=name: [

@@ -157,7 +157,7 @@ class DecodeEngine:
         if cache_rows is None:  # every slot: fixed shapes, so compiled like a step
             return self.run("prefill", self._prefill, cond.prefix, cond.mask)
         self.calls += 1
-        with self.fused.active():
+        with torch.no_grad(), self.fused.active():
             logits = self.model.prefill(cond, cache_rows)  # [b or 2b, V]
         return self._first_distribution(logits, settings)
 
@@ -195,10 +195,13 @@ class DecodeEngine:
     def run(self, name: str, fn: Callable, *args: Tensor) -> Tensor:
         """fn(*args) on this engine's caches, compiled (once per `name` and argument shapes)
         when the engine compiles: a decoding method's whole round as one graph. The first fn
-        given a name is the one compiled, so a name must stand for one computation."""
+        given a name is the one compiled, so a name must stand for one computation.
+
+        Always without autograd, whatever the caller's grad mode: a call under grad mode would
+        record a graph nobody reads and compile a second graph for the same step."""
         self._attach()
         self.calls += 1
-        with self.fused.active():
+        with torch.no_grad(), self.fused.active():
             return self._call(name, fn, *args)
 
     def _call(self, name: str, fn: Callable, *args: Tensor) -> Tensor:

@@ -170,10 +170,13 @@ def tree_round(
     out: Tensor,
     n: Tensor,
     classes: Tensor,
-) -> tuple[Tensor, Tensor]:
+    rounds: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One round on all R slots: out Long[R, N + D + 1] (committed codes), n Long[R] (codes
-    committed; rows with n = N are done), classes Long[R] (the draft's). Returns (out, n) with
-    1 + matched depth more codes per running row (at most N in all).
+    committed; rows with n = N are done), classes Long[R] (the draft's), rounds Long[R] (rounds
+    each row has run). Returns (out, n, rounds, finished): 1 + matched depth more codes per
+    running row (at most N in all), its round counted, and Bool[] "every row is done" (the
+    loop's one host read, so the bookkeeping costs no eager ops between rounds).
 
     Invariant (as in sampling/speculative.py): the cache holds positions < n - 1; code n - 1
     is committed but not fed. It feeds it as the root at position n - 1."""
@@ -245,7 +248,8 @@ def tree_round(
         if engine.guided:
             source, target = torch.cat([source, source]), torch.cat([target, target])
         model.move_positions(source, target)
-    return out, n + count
+    n_next = n + count
+    return out, n_next, rounds + (n < num_tokens).long(), (n_next >= num_tokens).all()
 
 
 @torch.no_grad()
@@ -264,6 +268,7 @@ def generate_tree(
     shape: TreeShape | None = None,
     noise: RowNoise | None = None,
     compile: bool | str = False,
+    compile_mode: str = "default",
 ) -> tuple[Tensor, SpeculativeStats]:
     """Sample codes Long[B, N] with tree speculation: the codes plain AR draws for the same
     noise, in fewer target passes. classes Long[B]: the rows' class ids for the draft (None:
@@ -283,24 +288,23 @@ def generate_tree(
     noise = row_noise(noise, generator, batch, device)
     settings = RowSettings.build(batch, num_tokens, sampling, guidance, device)
     rows = EngineBatch(model, cond, uncond, settings, noise, num_tokens=num_tokens,
-                       compile=compile, scratch=shape.size)  # fmt: skip
+                       compile=compile, compile_mode=compile_mode, scratch=shape.size)  # fmt: skip
     stats = SpeculativeStats(rows=batch, num_tokens=num_tokens)
     out = torch.zeros(batch, num_tokens + shape.max_depth + 1, dtype=torch.long, device=device)
     out[:, 0] = noise.sample(rows.prefill(), positions_of(batch, 0, device))
     n = torch.ones(batch, dtype=torch.long, device=device)
     step = functools.partial(tree_round, rows.engine, shape, draft)
-    out, n, classes = (rows.padded(x) for x in (out, n, classes))
+    rounds = torch.zeros(batch, dtype=torch.long, device=device)  # rounds each row ran
+    out, n, classes, rounds = (rows.padded(x) for x in (out, n, classes, rounds))
     name = f"tree {id(draft)} {shape.parents} {shape.ranks}"  # one compiled round each
-    row_rounds = torch.zeros((), dtype=torch.long, device=device)  # rounds of running rows
-    while True:
-        running = n[:batch] < num_tokens
-        if not bool(running.any()):  # the one host sync of a round
-            break
-        out, n = rows.run(name, step, out, n, classes)
-        row_rounds += running.sum()
+    finished = num_tokens == 1
+    while not finished:  # padding slots repeat row 0, so they finish with it
+        out, n, rounds, done = rows.run(name, step, out, n, classes, rounds)
+        finished = bool(done)  # the one host sync of a round
         stats.iterations += 1
         stats.draft_lengths.append(shape.size)
-    stats.drafted = int(row_rounds) * shape.size
-    stats.accepted = batch * (num_tokens - 1) - int(row_rounds)  # codes past each round's first
+    row_rounds = int(rounds[:batch].sum())
+    stats.drafted = row_rounds * shape.size
+    stats.accepted = batch * (num_tokens - 1) - row_rounds  # codes past each round's first
     stats.target_calls = rows.calls
     return out[:batch, :num_tokens], stats

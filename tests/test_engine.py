@@ -231,6 +231,30 @@ def test_each_engine_keeps_its_graphs_on_a_code_object_of_its_own():
     torch._dynamo.reset()
 
 
+def test_engine_calls_record_no_autograd_and_keep_one_graph_in_either_grad_mode():
+    """A caller outside no_grad (a server handler, a notebook) must neither build autograd
+    graphs through the prior's parameters nor compile the step a second time for grad mode."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as cache_entries
+
+    model, _ = models()
+    torch._dynamo.reset()
+    cond, uncond = model.condition(class_ids=torch.arange(2)), model.null_condition(2)
+    engine = DecodeEngine(model, rows=2, num_tokens=12, guided=True, compile=True,
+                          compile_mode="trace")  # fmt: skip
+    settings = RowSettings.build(2, 12, SamplingConfig(), GuidanceSchedule(3.0))
+    assert torch.is_grad_enabled()
+    first = engine.admit(None, cond, uncond, settings, RowNoise.from_seeds([0, 1]))
+    zeros = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        quiet = engine.step(zeros, zeros)
+    loud = engine.step(zeros, zeros)  # grad mode on
+    probs = engine.distributions(torch.zeros(2, 3, dtype=torch.long), zeros)
+    assert not first.requires_grad and not probs.requires_grad and torch.equal(quiet, loud)
+    step_code = engine._compiled["step"]._torchdynamo_orig_callable.__code__
+    assert len(cache_entries(step_code)) == 1
+    torch._dynamo.reset()
+
+
 def test_buckets_and_uniform_helper():
     assert [bucket_rows(r, True) for r in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
     assert bucket_rows(5, False) == 5

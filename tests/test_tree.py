@@ -97,11 +97,38 @@ def test_tree_decoding_draws_exactly_the_ar_codes(draft_kind, size, scale, sampl
                                 noise=noise)  # fmt: skip
     assert torch.equal(tree, ar)
     assert stats.target_calls == stats.iterations + 1 <= N
-    # a row alone gives the same codes as in the batch
-    alone, _ = generate_tree(model, cond.select(torch.tensor([3])), uncond.select(torch.tensor([3])),
-                             N, draft, ids[3:4], size, sampling, guidance,
-                             noise=noise.select(torch.tensor([3])))  # fmt: skip
-    assert torch.equal(alone[0], ar[3])
+    # a row alone gives the same codes as in the batch, in as many of its own rounds: the
+    # batch's drafted / accepted counts are the sums of its rows' solo counts
+    solos = []
+    for r in range(5):
+        row = torch.tensor([r])
+        solos.append(generate_tree(model, cond.select(row), uncond.select(row), N, draft,
+                                   ids[row], size, sampling, guidance,
+                                   noise=noise.select(row)))  # fmt: skip
+    assert all(torch.equal(codes[0], ar[r]) for r, (codes, _) in enumerate(solos))
+    assert stats.drafted == sum(solo.drafted for _, solo in solos)
+    assert stats.accepted == sum(solo.accepted for _, solo in solos)
+    assert stats.iterations == max(solo.iterations for _, solo in solos)
+
+
+@torch.no_grad()
+def test_a_compiled_padded_batch_stops_with_its_rows_and_counts_their_rounds():
+    """3 rows on a compiled bucket of 4 slots: the padding slot repeats row 0, the round's own
+    "all done" flag ends the loop, and the codes and counts are the eager run's."""
+    model, _, distilled = models()
+    cond, uncond, ids = conditions(model, [2, 0, 1])
+    noise, guidance = RowNoise.from_seeds([11, 12, 13]), GuidanceSchedule(3.0)
+    runs = [
+        generate_tree(model, cond, uncond, N, distilled, ids, 3, guidance=guidance, noise=noise,
+                      compile=compile, compile_mode="trace")
+        for compile in (False, True)
+    ]  # fmt: skip
+    (eager, eager_stats), (compiled, compiled_stats) = runs
+    assert torch.equal(compiled, eager)
+    assert torch.equal(eager, generate_ar(model, cond, uncond, N, guidance=guidance, noise=noise))
+    for key in ("iterations", "drafted", "accepted", "target_calls"):
+        assert getattr(compiled_stats, key) == getattr(eager_stats, key), key
+    torch._dynamo.reset()
 
 
 @torch.no_grad()
@@ -182,7 +209,8 @@ def test_a_round_is_one_graph_without_breaks():
         rows.prefill()
         out = torch.zeros(2, N + shape.max_depth + 1, dtype=torch.long)
         step = functools.partial(tree_round, rows.engine, shape, distilled)
-        explained = torch._dynamo.explain(step)(out, torch.tensor([1, 5]), ids)
+        explained = torch._dynamo.explain(step)(out, torch.tensor([1, 5]), ids,
+                                                torch.zeros(2, dtype=torch.long))  # fmt: skip
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     torch._dynamo.reset()
 

@@ -38,7 +38,7 @@ import functools  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -102,16 +102,21 @@ def candidates(
     target: GPT, draft: GPT, batch: int, scale: float, methods: list[str], models: Models,
     hf: HF | None, args, device: torch.device,
 ) -> dict[str, Callable[[], Any]]:  # fmt: skip
-    """Closures for one (batch, guidance) setting; every call samples with fresh seeds."""
+    """Closures for one (batch, guidance) setting; every call samples with fresh seeds, and
+    every candidate's k-th call with the same ones: exact methods decode the very images AR
+    does, so their times and codes per call compare like for like, run after run."""
     n = target.config.seq_len
     tc, tu, ids = conditions(target, batch)
     dc, du, _ = conditions(draft, batch)
     guidance = GuidanceSchedule(scale)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k)
-    seeds = itertools.count(args.seed * 1_000_003)
+    running: list[Iterator[int]] = []  # the seed counter of the candidate being called
+
+    def next_seed() -> int:
+        return next(running[-1])
 
     def noise() -> RowNoise:
-        return RowNoise.from_seeds([next(seeds) for _ in range(batch)], device=device)
+        return RowNoise.from_seeds([next_seed() for _ in range(batch)], device=device)
 
     def spec(
         relaxed: RelaxedAcceptance | None, compiled: bool, adaptive: bool | str = False
@@ -135,7 +140,7 @@ def candidates(
             extra["cache_implementation"] = args.hf_cache
         hf.target_calls.reset()
         hf.draft_calls.reset()
-        torch.manual_seed(next(seeds))  # transformers samples from the global RNG
+        torch.manual_seed(next_seed())  # transformers samples from the global RNG
         out = hf.target.generate(
             inputs, attention_mask=torch.ones_like(inputs), do_sample=True,
             temperature=args.temperature, top_k=args.top_k, top_p=1.0, max_new_tokens=n, **extra,
@@ -180,7 +185,23 @@ def candidates(
             models.maskgit, mc, mu, n, args.maskgit_steps, sampling, guidance=guidance,
             noise=noise(), compile=c,
         )[1]  # fmt: skip
-    return {name: table[name] for name in methods}
+    return {name: own_seeds(table[name], itertools.count(args.seed * 1_000_003), running)
+            for name in methods}  # fmt: skip
+
+
+def own_seeds(
+    fn: Callable[[], Any], seeds: Iterator[int], running: list[Iterator[int]]
+) -> Callable[[], Any]:
+    """fn drawing its seeds from `seeds` (its own counter) while it runs."""
+
+    def call() -> Any:
+        running.append(seeds)
+        try:
+            return fn()
+        finally:
+            running.pop()
+
+    return call
 
 
 def ratio(baseline: Timing, candidate: Timing) -> float:

@@ -26,6 +26,24 @@ def test_paired_spread_is_the_quartiles_of_per_round_ratios():
     assert all(len(t.times) == 3 for t in timings.values())
 
 
+def test_every_candidate_draws_the_same_seeds_call_for_call():
+    """So exact methods decode AR's very images in the k-th round, whatever the call order."""
+    import itertools
+
+    sys.path.insert(0, str(ROOT))
+    from bench.sampling import own_seeds
+
+    running, seen = [], {"ar": [], "tree": []}
+    fns = {
+        name: own_seeds(lambda name=name: seen[name].append(next(running[-1])),
+                        itertools.count(7), running)
+        for name in seen
+    }  # fmt: skip
+    for name in ("ar", "tree", "tree", "ar", "tree"):
+        fns[name]()
+    assert seen == {"ar": [7, 8], "tree": [7, 8, 9]} and not running
+
+
 @pytest.mark.slow
 def test_whole_benchmark_prints_every_headline_key_and_times_cfg_side_by_side():
     cmd = [sys.executable, str(ROOT / "bench" / "sampling.py"), "--random", "--quick",

@@ -311,7 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tree-size-small",
         type=int,
         default=1,
-        help="the second tree size timed (1: the fastest at batch 8 on a 2-core CPU, run 14)",
+        help="the second tree size timed (1: the fastest tree at batch 8 here, runs 14-15)",
     )
     a("--maskgit-steps", type=int, default=8)
     a("--temperature", type=float, default=1.0)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from prior.maskgit import cosine_schedule
 from sampling.autoregressive import batch_size, guided_condition, row_noise
-from sampling.engine import wants_compile
+from sampling.engine import compiled, wants_compile
 from sampling.guidance import GuidanceSchedule
 from sampling.logits import SamplingConfig
 from sampling.noise import CONFIDENCE, DRAW, RowNoise, race, step_stream, uniform
@@ -102,7 +102,7 @@ def generate_maskgit(
     cond_rows = guided_condition(cond, uncond, guided)
     one_pass = _maskgit_pass
     if wants_compile(compile, device):
-        one_pass = torch.compile(_maskgit_pass, dynamic=False)
+        one_pass = compiled(_maskgit_pass, "default", device=device)
     codes = torch.full((batch, num_tokens), mask_id, dtype=torch.long, device=device)
     remaining, counts = num_tokens, []
     for t in range(steps):

@@ -260,3 +260,32 @@ def test_buckets_and_uniform_helper():
     assert bucket_rows(5, False) == 5
     keys = RowNoise.from_seeds([9]).keys
     assert uniform(keys, torch.tensor([[3]]), DRAW, 4).shape == (1, 1, 4)
+
+
+@torch.no_grad()
+def test_inductor_compiled_step_samples_what_eager_samples():
+    """The one test of real code generation (inductor, with the C++ wrapper on CPU; ~20 s cold,
+    seconds from the FX graph cache): prefill and step compile, and sample eager's codes."""
+    import sampling.engine as engine_module
+
+    model = tiny_prior("gpt", seed=4, sharpen=5.0)
+    cond, uncond = model.condition(torch.tensor([0, 1])), model.null_condition(2)
+    built = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, **kwargs):
+        built.append(kwargs.get("options"))
+        return real_compile(fn, **kwargs)
+
+    torch._dynamo.reset()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "compile", recording_compile)
+        runs = [
+            generate_ar(model, cond, uncond, 6, guidance=GuidanceSchedule(2.0),
+                        noise=RowNoise.from_seeds([1, 2]), compile=compile, return_probs=True)
+            for compile in (False, True)
+        ]  # fmt: skip
+    torch._dynamo.reset()
+    assert built == [engine_module.CPU_OPTIONS] * 2  # prefill, step
+    assert torch.equal(runs[0][0], runs[1][0])
+    torch.testing.assert_close(runs[1][1], runs[0][1], atol=1e-5, rtol=1e-4)

@@ -248,7 +248,7 @@ def test_compiled_decode_matches_eager(monkeypatch):
     model = tiny_prior("gpt", seed=4, sharpen=5.0)
     real_compile, modes = torch.compile, []
 
-    def eager_compile(fn, mode=None, dynamic=None):
+    def eager_compile(fn, mode=None, dynamic=None, **options):
         modes.append(mode)
         return real_compile(fn, backend="eager", dynamic=dynamic)
 

@@ -44,7 +44,7 @@ demo: setup
 demo-text: setup
 	$(BIN)/python scripts/demo.py --config configs/demo/shapes.yaml --output-dir outputs/demo-text
 
-demo-seeds: setup  # the README's digits table: `make demo` for seeds 0 1 2, mean ± std (~25 min)
+demo-seeds: setup  # the README's digits table: `make demo` for seeds 0 1 2, mean ± std (~50 min)
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/demo_seeds.py --config configs/demo/digits.yaml \
 		--output-dir outputs/demo --seeds 0 1 2 --out bench/results/demo_seeds_digits.json
 

@@ -167,6 +167,17 @@ def candidates(
     table: dict[str, Callable[[], Any]] = {
         "ar": lambda: ar(False),
         "ar_compiled": lambda: ar(True),
+        "ar_compiled_python_wrapper": lambda: generate_ar(
+            target,
+            tc,
+            tu,
+            n,
+            sampling,
+            guidance,
+            compile=True,
+            compile_mode="python-wrapper",
+            noise=noise(),
+        ),  # the same graphs with inductor's Python wrapper (what the C++ one saves)
         "speculative": lambda: spec(None, False),
         "speculative_compiled": lambda: spec(None, True),
         "speculative_cost_compiled": lambda: spec(None, True, "cost"),  # draft length from costs
@@ -589,6 +600,23 @@ def cfg_overhead(models: Models, name: str, args, device: torch.device) -> dict[
     return interleaved(fns, 3 * args.repeats, args.warmup, device)
 
 
+def cpp_wrapper_pairs(models: Models, args, device: torch.device) -> dict[int, dict[str, Timing]]:
+    """Compiled AR with the engine's C++ graph wrapper vs inductor's Python one, batch 1 and
+    --batch, guidance --cfg, timed round-robin as pairs of their own (CPU only)."""
+    names = ["ar_compiled", "ar_compiled_python_wrapper"]
+    return {
+        batch: interleaved(
+            candidates(
+                models.target, models.draft, batch, args.cfg, names, models, None, args, device
+            ),
+            args.repeats,
+            args.warmup,
+            device,
+        )  # fmt: skip
+        for batch in (1, args.batch)
+    }
+
+
 def describe(model: torch.nn.Module) -> dict[str, Any]:
     cfg = model.config
     return {
@@ -658,6 +686,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    if models.tree_draft is not None else None)  # fmt: skip
     ar_name = "ar_compiled" if args.compile else "ar"
     guidance_pair = cfg_overhead(models, ar_name, args, device)
+    wrappers = (cpp_wrapper_pairs(models, args, device)
+                if args.compile and device.type == "cpu" and args.compile_mode == "default"
+                else {})  # fmt: skip
     cfg = models.target.config
     report = {
         "benchmark": "sampling",
@@ -686,6 +717,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "guidance": args.cfg,
             **{key: summary(t, None, 1, n) for key, t in guidance_pair.items()},
         },  # fmt: skip
+        "cpp_wrapper": {
+            f"batch_{batch}": {
+                "guidance": args.cfg,
+                **{key: summary(t, None, batch, n) for key, t in pair.items()},
+                "cpp_over_python_wrapper": ratio(
+                    pair["ar_compiled_python_wrapper"], pair["ar_compiled"]
+                ),
+                "spread_q25_q75": paired_spread(
+                    pair["ar_compiled_python_wrapper"], pair["ar_compiled"]
+                ),
+            }  # fmt: skip
+            for batch, pair in wrappers.items()
+        },
         "tree_draft_ranks": tree_draft_ranks(models, args, device) if models.tree_draft else None,
         "ratios": "speedup = baseline median time / candidate median time (> 1: candidate faster)",
         "note": " ".join(models.notes + ([RANDOM_NOTE] if models.weights == "random" else [])),

@@ -68,7 +68,8 @@ def own_code(fn: Callable, name: str) -> Callable:
 
 def compiled(fn: Callable, mode: str, *, device: torch.device | None = None) -> Callable:
     """torch.compile(fn) with static shapes. mode "reduce-overhead" adds CUDA graphs;
-    "trace" only traces with dynamo (no code generation: seconds, for smoke tests).
+    "trace" only traces with dynamo (no code generation: seconds, for smoke tests);
+    "python-wrapper" is "default" without the C++ wrapper below (to time what it saves).
 
     On CPU mode "default" also writes inductor's wrapper (the code that calls the graph's
     kernels and matrix products one by one) in C++ instead of Python (`cpp_wrapper`): a
@@ -83,6 +84,8 @@ def compiled(fn: Callable, mode: str, *, device: torch.device | None = None) -> 
     )
     if mode == "trace":
         return torch.compile(fn, backend="eager", dynamic=False)
+    if mode == "python-wrapper":  # inductor's default wrapper (bench/sampling.py's baseline)
+        return torch.compile(fn, dynamic=False)
     if mode == "default" and device is not None and device.type == "cpu":
         return torch.compile(fn, dynamic=False, options=CPU_OPTIONS)
     return torch.compile(fn, mode=mode, dynamic=False)

@@ -641,11 +641,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.tree_draft_ranks_only:
         ranks = {"device": device_name(device), "weights": models.weights}
         ranks |= tree_draft_ranks(models, args, device)
-        print(json.dumps(ranks))
+        emit(ranks, args.out)
+        print(json.dumps(ranks))  # the last line, as in the full run
         return ranks
     if args.call_costs_only:
         costs = {"device": device_name(device), "weights": models.weights}
         costs |= call_costs(models, args, device)
+        emit(costs, args.out)
         print(json.dumps(costs))
         return costs
     models.relaxed.table = models.relaxed.table.to(device)

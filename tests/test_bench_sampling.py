@@ -79,3 +79,15 @@ def test_whole_benchmark_prints_every_headline_key_and_times_cfg_side_by_side():
             timed = spec[f"batch_{batch}"]["cfg_3"][label]  # the same generations' call count
             assert entry["tokens_per_call"] == pytest.approx(n / timed["target_calls"], rel=0.01)
             assert 1 <= entry["tokens_per_call"] <= nodes + 1  # at most every node plus one
+
+
+def test_call_costs_only_writes_what_it_prints_to_out(tmp_path):
+    out = tmp_path / "costs.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "sampling.py"), "--random", "--quick",
+           "--no-compile", "--target-dim", "32", "--target-layers", "2", "--draft-dim", "16",
+           "--draft-layers", "1", "--vocab", "64", "--draft-len", "3", "--call-costs-only",
+           "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    printed = json.loads(run.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == printed and printed["draft_len"] == 3

@@ -159,25 +159,16 @@ def candidates(
             compile=args.compile,
         )[1]  # fmt: skip
 
-    def ar(compiled: bool) -> None:
-        generate_ar(target, tc, tu, n, sampling, guidance, compile=compiled,
-                    compile_mode=args.compile_mode, noise=noise())  # fmt: skip
+    def ar(compiled: bool, mode: str = args.compile_mode) -> None:
+        generate_ar(target, tc, tu, n, sampling, guidance, compile=compiled, compile_mode=mode,
+                    noise=noise())  # fmt: skip
 
     c = args.compile
     table: dict[str, Callable[[], Any]] = {
         "ar": lambda: ar(False),
         "ar_compiled": lambda: ar(True),
-        "ar_compiled_python_wrapper": lambda: generate_ar(
-            target,
-            tc,
-            tu,
-            n,
-            sampling,
-            guidance,
-            compile=True,
-            compile_mode="python-wrapper",
-            noise=noise(),
-        ),  # the same graphs with inductor's Python wrapper (what the C++ one saves)
+        # the same graphs with inductor's Python wrapper (what the C++ one saves)
+        "ar_compiled_python_wrapper": lambda: ar(True, "python-wrapper"),
         "speculative": lambda: spec(None, False),
         "speculative_compiled": lambda: spec(None, True),
         "speculative_cost_compiled": lambda: spec(None, True, "cost"),  # draft length from costs
@@ -612,7 +603,7 @@ def cpp_wrapper_pairs(models: Models, args, device: torch.device) -> dict[int, d
             args.repeats,
             args.warmup,
             device,
-        )  # fmt: skip
+        )
         for batch in (1, args.batch)
     }
 
@@ -729,7 +720,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "spread_q25_q75": paired_spread(
                     pair["ar_compiled_python_wrapper"], pair["ar_compiled"]
                 ),
-            }  # fmt: skip
+            }
             for batch, pair in wrappers.items()
         },
         "tree_draft_ranks": tree_draft_ranks(models, args, device) if models.tree_draft else None,

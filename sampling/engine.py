@@ -72,10 +72,10 @@ def compiled(fn: Callable, mode: str, *, device: torch.device | None = None) -> 
     "python-wrapper" is "default" without the C++ wrapper below (to time what it saves).
 
     On CPU mode "default" also writes inductor's wrapper (the code that calls the graph's
-    kernels and matrix products one by one) in C++ instead of Python (`cpp_wrapper`): a
-    one-token step of the demo prior is mostly that wrapper's per-call Python, and without it
-    the step runs about 1.6x faster (bench/sampling.py); it adds a C++ compile (seconds) to each
-    graph's first build, which the FX graph cache keeps like the rest."""
+    kernels and matrix products one by one) in C++ instead of Python (`cpp_wrapper`): calling a
+    one-token step's few dozen small kernels from Python was a large part of the step, and
+    compiled AR runs 1.1-1.2x faster without it (`cpp_wrapper` in bench/sampling.py's JSON); it
+    adds a C++ compile (seconds) to each graph's first build, which the FX graph cache keeps."""
     # callers give each engine's function a code object of its own (own_code); room to spare
     limit = torch._dynamo.config.cache_size_limit
     torch._dynamo.config.cache_size_limit = max(limit, 64)

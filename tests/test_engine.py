@@ -6,7 +6,7 @@ from stub_models import perturbed_copy, tiny_prior
 from test_gpt import make as make_gpt
 
 from sampling.autoregressive import generate_ar
-from sampling.engine import DecodeEngine, bucket_rows
+from sampling.engine import CPU_OPTIONS, DecodeEngine, bucket_rows
 from sampling.generate import DecodeOptions, generate_codes
 from sampling.guidance import GuidanceSchedule
 from sampling.logits import SamplingConfig
@@ -266,8 +266,6 @@ def test_buckets_and_uniform_helper():
 def test_inductor_compiled_step_samples_what_eager_samples():
     """The one test of real code generation (inductor, with the C++ wrapper on CPU; ~20 s cold,
     seconds from the FX graph cache): prefill and step compile, and sample eager's codes."""
-    import sampling.engine as engine_module
-
     model = tiny_prior("gpt", seed=4, sharpen=5.0)
     cond, uncond = model.condition(torch.tensor([0, 1])), model.null_condition(2)
     built = []
@@ -286,6 +284,6 @@ def test_inductor_compiled_step_samples_what_eager_samples():
             for compile in (False, True)
         ]  # fmt: skip
     torch._dynamo.reset()
-    assert built == [engine_module.CPU_OPTIONS] * 2  # prefill, step
+    assert built == [CPU_OPTIONS] * 2  # prefill, step
     assert torch.equal(runs[0][0], runs[1][0])
     torch.testing.assert_close(runs[1][1], runs[0][1], atol=1e-5, rtol=1e-4)

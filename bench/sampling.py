@@ -84,7 +84,7 @@ TREES = ["tree", "tree_small"]  # --tree-size and --tree-size-small nodes, compi
 SETTINGS = (
     "batch", "cfg", "draft_len", "relaxed_k", "relaxed_delta", "jacobi_window", "maskgit_steps",
     "temperature", "top_k", "hf_cache", "compile", "compile_mode", "repeats", "warmup", "seed",
-    "tree_size", "tree_size_small",
+    "tree_size", "tree_size_small", "tree_draft",
 )  # fmt: skip
 MASKGIT_NOTE = (
     "MaskGIT makes T full passes over all N tokens (about T times the FLOPs of AR's N cached "
@@ -616,6 +616,16 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def describe_tree_draft(draft: TreeDraft | None) -> dict[str, Any] | None:
+    """The tree draft's widths and how it was distilled (it sets the tree's codes per call)."""
+    if draft is None:
+        return None
+    cfg = draft.config
+    params = sum(p.numel() for p in draft.parameters())
+    return {"dim": cfg.dim, "hidden": cfg.hidden, "offsets": cfg.offsets,
+            "guidance_scale": cfg.guidance_scale, "params": params}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     begin = time.perf_counter()
@@ -694,6 +704,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "target": describe(models.target),
             "draft": describe(models.draft),
             "maskgit": describe(models.maskgit),
+            "tree_draft": describe_tree_draft(models.tree_draft),
         },
         "tokens": {"grid": cfg.grid, "num_tokens": n, "vocab": cfg.vocab_size},
         "settings": {key: getattr(args, key) for key in SETTINGS},

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--plausibility", type=float, default=defaults.plausibility)
     p.add_argument("--samples", type=int, default=defaults.samples)
     p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--dim", type=int, default=defaults.dim, help="the draft's embedding width")
+    p.add_argument("--hidden", type=int, default=defaults.hidden, help="the draft's MLP width")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--print-config", action="store_true", help="print the options (YAML), exit")
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> Path:
             f"{args.prior} is a {type(prior).__name__}: a tree draft needs a GPT prior"
         )
     config = DistillConfig(guidance_scale=args.guidance, plausibility=args.plausibility,
-                           samples=args.samples, steps=args.steps, seed=args.seed)  # fmt: skip
+                           samples=args.samples, steps=args.steps, dim=args.dim,
+                           hidden=args.hidden, seed=args.seed)  # fmt: skip
     draft, report = distill_tree_draft(prior.to(args.device).eval(), config)
     draft.save_pretrained(args.out)
     report = {"prior": str(args.prior), "distill": asdict(config), **report}

@@ -68,6 +68,9 @@ def test_whole_benchmark_prints_every_headline_key_and_times_cfg_side_by_side():
     free, real = (costs[f"tokens_per_round_for_1.5x_{k}"] for k in ("free_draft", "this_draft"))
     assert free == pytest.approx(1.5 * costs["verify_over_step"], abs=0.01)
     assert real > free  # drafting is never free
+    draft = report["models"]["tree_draft"]  # which draft set the tree's codes per call
+    assert draft["dim"] >= 1 and draft["hidden"] >= 1 and draft["params"] > 0
+    assert "tree_draft" in report["settings"]
     trees = report["tree_round_costs"]  # a tree round priced in AR steps, alone and in generation
     spec = report["speculative"]
     n, big = report["tokens"]["num_tokens"], report["settings"]["batch"]

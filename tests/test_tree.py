@@ -2,6 +2,7 @@
 pass equals causal decoding of each node's path; one graph per round; a distilled draft helps."""
 
 import functools
+import json
 
 import pytest
 import torch
@@ -243,3 +244,21 @@ def test_the_dispatcher_and_bad_input(tmp_path):
     context = torch.randint(0, V + 1, (2, 3, len(distilled.config.offsets)))
     positions = torch.randint(0, N, (2, 3))
     torch.testing.assert_close(again(ids, positions, context), distilled(ids, positions, context))
+
+
+def test_the_distill_script_builds_the_draft_it_is_told_to(tmp_path):
+    """scripts/distill_tree_draft.py: --dim / --hidden / --steps reach the saved draft and its
+    report (the demo's draft width is a DistillConfig default a user may need to change)."""
+    from scripts.distill_tree_draft import main
+
+    model, _, _ = models()
+    model.save_pretrained(tmp_path / "prior")
+    out = main(["--prior", str(tmp_path / "prior"), "--out", str(tmp_path / "draft"),
+                "--samples", "40", "--steps", "3", "--dim", "8", "--hidden", "24",
+                "--device", "cpu"])  # fmt: skip
+    draft = TreeDraft.from_pretrained(out)
+    assert (draft.config.dim, draft.config.hidden) == (8, 24)
+    assert draft.mlp[1].weight.shape == (24, 8)
+    report = json.loads((out / "distill.json").read_text())
+    assert (report["distill"]["dim"], report["distill"]["hidden"]) == (8, 24)
+    assert report["distill"]["steps"] == 3

@@ -48,6 +48,7 @@ from torch import Tensor  # noqa: E402
 from bench.common import Timing, device_name, emit, interleaved, paired_spread  # noqa: E402
 from bench.sampling_models import HF, Models, build_models, conditions, export  # noqa: E402
 from prior import GPT  # noqa: E402
+from prior.blocks import num_params  # noqa: E402
 from prior.hf_export import llama_input_ids  # noqa: E402
 from sampling import (  # noqa: E402
     GuidanceSchedule,
@@ -617,13 +618,13 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def describe_tree_draft(draft: TreeDraft | None) -> dict[str, Any] | None:
-    """The tree draft's widths and how it was distilled (it sets the tree's codes per call)."""
+    """The tree draft's widths and the guidance it was distilled for (it sets the tree's codes
+    per call)."""
     if draft is None:
         return None
     cfg = draft.config
-    params = sum(p.numel() for p in draft.parameters())
     return {"dim": cfg.dim, "hidden": cfg.hidden, "offsets": cfg.offsets,
-            "guidance_scale": cfg.guidance_scale, "params": params}  # fmt: skip
+            "guidance_scale": cfg.guidance_scale, "params": num_params(draft)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -582,14 +582,38 @@ def tree_round_costs(
 
 def cfg_overhead(models: Models, name: str, args, device: torch.device) -> dict[str, Timing]:
     """AR method `name` at batch 1 with guidance 1 and with --cfg, interleaved with each other
-    alone (3x --repeats: a cheap pair), so the ratio compares calls made side by side, not
-    calls from two groups timed minutes apart among different company."""
+    alone (10x --repeats: a cheap pair, and the machine's noise is as large as the gap it
+    measures), so the ratio compares calls made side by side, not calls from two groups timed
+    minutes apart among different company."""
     target, draft = models.target, models.draft
     fns = {
         key: candidates(target, draft, 1, scale, [name], models, None, args, device)[name]
         for key, scale in (("guidance_1", 1.0), ("guidance_cfg", args.cfg))
     }
-    return interleaved(fns, 3 * args.repeats, args.warmup, device)
+    return interleaved(fns, 10 * args.repeats, args.warmup, device)
+
+
+def lossless_pairs(models: Models, args, device: torch.device) -> dict[int, dict[str, Timing]]:
+    """Our fastest AR and the exact methods that can beat it (compiled ones and the trees, or
+    the eager ones without --compile) at batch 1 and --batch, guidance --cfg, timed
+    round-robin among themselves only (3x --repeats): the headline speed-ups then compare
+    calls made side by side, not calls spread across a round of slow eager methods."""
+    if args.compile:
+        names = ["ar_compiled", *COMPILED[1:]]
+    else:
+        names = ["ar", "speculative", "jacobi", "mc_sjd"]
+    names += TREES if models.tree_draft is not None else []
+    return {
+        batch: interleaved(
+            candidates(
+                models.target, models.draft, batch, args.cfg, names, models, None, args, device
+            ),
+            3 * args.repeats,
+            args.warmup,
+            device,
+        )
+        for batch in (1, args.batch)
+    }
 
 
 def cpp_wrapper_pairs(models: Models, args, device: torch.device) -> dict[int, dict[str, Timing]]:
@@ -690,6 +714,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    if models.tree_draft is not None else None)  # fmt: skip
     ar_name = "ar_compiled" if args.compile else "ar"
     guidance_pair = cfg_overhead(models, ar_name, args, device)
+    lossless = lossless_pairs(models, args, device)
     wrappers = (cpp_wrapper_pairs(models, args, device)
                 if args.compile and device.type == "cpu" and args.compile_mode == "default"
                 else {})  # fmt: skip
@@ -714,6 +739,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speculative": speculative,
         "vs_transformers_assisted": assisted,
         "maskgit_vs_ar": maskgit,
+        "lossless": {
+            "guidance": args.cfg,
+            "note": "the exact methods that can beat AR, timed among themselves only; the "
+            "best_lossless keys come from here",
+            **{
+                f"batch_{b}": {m: summary(t, fastest_ar(group), b, n) for m, t in group.items()}
+                for b, group in lossless.items()
+            },
+        },
         "call_costs": costs,
         "tree_round_costs": round_costs,
         "cfg_overhead": {
@@ -740,8 +774,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "note": " ".join(models.notes + ([RANDOM_NOTE] if models.weights == "random" else [])),
         "elapsed_s": round(time.perf_counter() - begin, 1),
     }
-    method_1, best_1, spread_1 = best_lossless(groups[1, args.cfg])
-    method_b, best_b, spread_b = best_lossless(groups[big, args.cfg])
+    method_1, best_1, spread_1 = best_lossless(lossless[1])
+    method_b, best_b, spread_b = best_lossless(lossless[big])
     pairs = {  # headline key -> (baseline, candidate)
         "ar_vs_transformers_b1": (hf_one["transformers"], fastest_ar(hf_one)),
         f"ar_vs_transformers_b{big}": (hf_big["transformers"], fastest_ar(hf_big)),

@@ -62,6 +62,13 @@ def test_whole_benchmark_prints_every_headline_key_and_times_cfg_side_by_side():
     assert pair["method"] == "ar" and pair["guidance"] == 3.0
     ratio = pair["guidance_1"]["median_s"] / pair["guidance_cfg"]["median_s"]
     assert summary["cfg_overhead_b1"] == pytest.approx(ratio, abs=0.05)  # medians are rounded
+    first, _, second = summary["best_lossless_method"].partition(" / ")  # "a" or "a / b"
+    for batch, method in ((1, first), (8, second or first)):
+        group = report["lossless"][f"batch_{batch}"]  # exact methods timed among themselves
+        assert {"ar", "tree", "tree_small", "mc_sjd"} <= set(group)
+        best = max((m for m in group if m != "ar"), key=lambda m: group[m]["speedup_vs_ar"])
+        assert method == best
+        assert summary[f"best_lossless_vs_ar_b{batch}"] == group[best]["speedup_vs_ar"]
     costs = report["call_costs"]  # a speculative round priced in target steps
     assert costs["draft_len"] == 3 and costs["tokens_per_round_at_most"] == 4
     assert costs["verify_over_step"] > 0 and costs["draft_call_over_target_step"] > 0

@@ -85,7 +85,7 @@ TREES = ["tree", "tree_small"]  # --tree-size and --tree-size-small nodes, compi
 SETTINGS = (
     "batch", "cfg", "draft_len", "relaxed_k", "relaxed_delta", "jacobi_window", "maskgit_steps",
     "temperature", "top_k", "hf_cache", "compile", "compile_mode", "repeats", "warmup", "seed",
-    "tree_size", "tree_size_small", "tree_draft",
+    "tree_size", "tree_size_small", "tree_draft", "threads",
 )  # fmt: skip
 MASKGIT_NOTE = (
     "MaskGIT makes T full passes over all N tokens (about T times the FLOPs of AR's N cached "

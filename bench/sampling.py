@@ -593,44 +593,40 @@ def cfg_overhead(models: Models, name: str, args, device: torch.device) -> dict[
     return interleaved(fns, 10 * args.repeats, args.warmup, device)
 
 
-def lossless_pairs(models: Models, args, device: torch.device) -> dict[int, dict[str, Timing]]:
-    """Our fastest AR and the exact methods that can beat it (compiled ones and the trees, or
-    the eager ones without --compile) at batch 1 and --batch, guidance --cfg, timed
-    round-robin among themselves only (3x --repeats): the headline speed-ups then compare
-    calls made side by side, not calls spread across a round of slow eager methods."""
-    if args.compile:
-        names = ["ar_compiled", *COMPILED[1:]]
-    else:
-        names = ["ar", "speculative", "jacobi", "mc_sjd"]
-    names += TREES if models.tree_draft is not None else []
+def on_their_own(
+    models: Models, names: list[str], repeats: int, args, device: torch.device
+) -> dict[int, dict[str, Timing]]:
+    """Methods `names` at batch 1 and --batch, guidance --cfg, timed round-robin among
+    themselves only (`repeats` rounds), so their ratios compare calls made side by side."""
     return {
         batch: interleaved(
             candidates(
                 models.target, models.draft, batch, args.cfg, names, models, None, args, device
             ),
-            3 * args.repeats,
+            repeats,
             args.warmup,
             device,
         )
         for batch in (1, args.batch)
     }
+
+
+def lossless_pairs(models: Models, args, device: torch.device) -> dict[int, dict[str, Timing]]:
+    """Our fastest AR and the exact methods that can beat it (the compiled ones and the trees,
+    or the eager ones without --compile) on their own (3x --repeats): the headline speed-ups
+    then compare calls made side by side, not calls spread across a round of slow eager
+    methods."""
+    ar = "ar_compiled" if args.compile else "ar"
+    trees = TREES if models.tree_draft is not None else []
+    exact = [m for m in LOSSLESS if m not in TREES and m.endswith("_compiled") == args.compile]
+    return on_their_own(models, [ar, *exact, *trees], 3 * args.repeats, args, device)
 
 
 def cpp_wrapper_pairs(models: Models, args, device: torch.device) -> dict[int, dict[str, Timing]]:
-    """Compiled AR with the engine's C++ graph wrapper vs inductor's Python one, batch 1 and
-    --batch, guidance --cfg, timed round-robin as pairs of their own (CPU only)."""
+    """Compiled AR with the engine's C++ graph wrapper vs inductor's Python one, on their own
+    (CPU only)."""
     names = ["ar_compiled", "ar_compiled_python_wrapper"]
-    return {
-        batch: interleaved(
-            candidates(
-                models.target, models.draft, batch, args.cfg, names, models, None, args, device
-            ),
-            args.repeats,
-            args.warmup,
-            device,
-        )
-        for batch in (1, args.batch)
-    }
+    return on_their_own(models, names, args.repeats, args, device)
 
 
 def describe(model: torch.nn.Module) -> dict[str, Any]:
